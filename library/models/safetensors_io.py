@@ -1,0 +1,124 @@
+"""Reading and writing safetensors files, with one-line errors for bad files.
+
+Loading memory-maps by default (tensors are paged in on access); ``mmap=False`` reads the
+whole file in one go, which is faster on some network drives and Windows setups
+(``--disable_mmap_load_safetensors``). Writing goes to a temporary file in the same folder
+that is renamed over the target, so an interrupted save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from library.errors import UserError
+
+_HEADER_LEN_BYTES = 8
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UserError(f"{what} not found: {path} (check the path)")
+    if path.is_dir():
+        raise UserError(f"{what} is a folder, not a .safetensors file: {path}")
+
+
+def read_header(path: str | os.PathLike, what: str = "model file") -> dict:
+    """Return the parsed JSON header (tensor entries plus ``__metadata__``) of a safetensors file.
+
+    Validates that the data section is as long as the header says, so a truncated download is
+    reported here and not as a crash deep inside a load.
+    """
+    path = Path(path)
+    _check_file(path, what)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(_HEADER_LEN_BYTES)
+            if len(raw_len) < _HEADER_LEN_BYTES:
+                raise ValueError("file is shorter than a safetensors header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(_MAX_HEADER_BYTES, size - _HEADER_LEN_BYTES):
+                raise ValueError("header length is larger than the file")
+            header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not a valid safetensors file ({exc}); re-download or re-save it") from None
+    data_len = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if _HEADER_LEN_BYTES + header_len + data_len > size:
+        raise UserError(
+            f"{what} {path} is truncated ({size} bytes, header promises "
+            f"{_HEADER_LEN_BYTES + header_len + data_len}); re-download or re-save it"
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike, what: str = "model file") -> dict[str, str]:
+    """Return the ``__metadata__`` string map of a safetensors file (empty if it has none)."""
+    return dict(read_header(path, what).get("__metadata__") or {})
+
+
+def read_shapes(path: str | os.PathLike, what: str = "model file") -> dict[str, tuple[int, ...]]:
+    """Return ``{key: shape}`` without reading any tensor data."""
+    header = read_header(path, what)
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def load_safetensors(
+    path: str | os.PathLike,
+    *,
+    mmap: bool = True,
+    prefix: str | None = None,
+    strip_prefix: bool = True,
+    what: str = "model file",
+) -> dict[str, torch.Tensor]:
+    """Load tensors from ``path`` onto the CPU.
+
+    ``prefix`` keeps only keys that start with it (and strips it unless ``strip_prefix`` is
+    False), so one component can be taken out of an all-in-one checkpoint without touching
+    the rest of the file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
+
+    path = Path(path)
+    read_header(path, what)
+    try:
+        if mmap:
+            out = {}
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if prefix is None or key.startswith(prefix):
+                        out[key] = f.get_tensor(key)
+        else:
+            out = {k: v for k, v in load_bytes(path.read_bytes()).items() if prefix is None or k.startswith(prefix)}
+    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        raise UserError(f"{what} {path} could not be read ({exc}); re-download or re-save it") from None
+    if prefix is not None and strip_prefix:
+        out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    try:
+        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
