@@ -1,0 +1,283 @@
+"""The SD3 / SD3.5 VAE: diffusers' ``AutoencoderKL`` (SDXL layout, 16 latent channels, no quant convs).
+
+Checkpoints store the VAE in LDM naming (``encoder.down.0.block.0.conv1.weight``...), either inside an
+all-in-one file under ``first_stage_model.`` or as a separate file without prefix; a separate file
+may also be in diffusers naming (``encoder.down_blocks.0.resnets.0.conv1.weight``). The layout is
+inferred from the tensor shapes; a JSON ``AutoencoderKL`` config stored in the safetensors metadata
+key :data:`VAE_CONFIG_METADATA_KEY` overrides the inference (tiny test models need fewer norm groups).
+
+Latent spaces: the VAE encoder produces ``z`` ("VAE space"); the MMDiT works on
+``l = (z - SHIFT_FACTOR) * SCALING_FACTOR`` and decoding inverts that with ``z = l / SCALING_FACTOR +
+SHIFT_FACTOR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+from library.errors import UserError
+from library.models.safetensors_io import load_safetensors, read_metadata, read_shapes
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+SCALING_FACTOR = 1.5305
+SHIFT_FACTOR = 0.0609
+LATENT_CHANNELS = 16
+LDM_PREFIX = "first_stage_model."
+VAE_CONFIG_METADATA_KEY = "sd3_trainer.vae_config"
+_VAE_PREFIXES = (LDM_PREFIX, "vae.")
+_LOGVAR_RANGE = (-30.0, 20.0)
+_MAX_LISTED = 3
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """Where the shape inference finds things in one key naming scheme."""
+
+    down_resnet_conv1: re.Pattern[str]
+    mid_attn_weight: str
+    shortcut_name: str
+
+
+_NAMINGS: Mapping[str, _Naming] = MappingProxyType(
+    {
+        "ldm": _Naming(
+            re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight$"),
+            "encoder.mid.attn_1.q.weight",
+            "nin_shortcut",
+        ),
+        "diffusers": _Naming(
+            re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
+            "encoder.mid_block.attentions.0.to_q.weight",
+            "conv_shortcut",
+        ),
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: latent scale/shift and posterior sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def latents_from_vae_space(z: torch.Tensor) -> torch.Tensor:
+    """VAE-space latents -> MMDiT latents: ``(z - 0.0609) * 1.5305``."""
+    return (z - SHIFT_FACTOR) * SCALING_FACTOR
+
+
+def vae_space_from_latents(latents: torch.Tensor) -> torch.Tensor:
+    """MMDiT latents -> VAE-space latents: ``l / 1.5305 + 0.0609``."""
+    return latents / SCALING_FACTOR + SHIFT_FACTOR
+
+
+def sample_posterior(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw ``z = mean + exp(0.5 * clamp(logvar, -30, 20)) * eps`` with ``eps ~ N(0, 1)``.
+
+    ``eps`` is drawn in float32 on the generator's device (the mean's device when there is no
+    generator) and then moved to the mean's device, so one seed gives the same sample whatever
+    device the VAE runs on.
+    """
+    std = torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE))
+    noise_device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
+    return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class SD3VAE(nn.Module):
+    """A frozen SD3 VAE that encodes images in [-1, 1] to MMDiT latents and back.
+
+    Latents are returned in float32 (scale/shift and sampling run in float32, whatever the VAE's
+    dtype); decoded images are float32 and not clamped (they may leave [-1, 1] slightly).
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 16, H/8, W/8), float32."""
+        x = images.to(device=self.device, dtype=self.dtype)
+        posterior = self.autoencoder.encode(x).latent_dist
+        return posterior.mean.float(), posterior.logvar.float()
+
+    def encode(
+        self, images: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> MMDiT latents (B, 16, H/8, W/8), float32.
+
+        ``sample=True`` (the default, as sd-scripts caches) draws from the posterior with
+        :func:`sample_posterior`; ``sample=False`` takes its mean.
+        """
+        mean, logvar = self.encode_moments(images)
+        z = sample_posterior(mean, logvar, generator) if sample else mean
+        return latents_from_vae_space(z)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """MMDiT latents (B, 16, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1], float32."""
+        z = vae_space_from_latents(latents.float()).to(device=self.device, dtype=self.dtype)
+        return self.autoencoder.decode(z).sample.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: config inference and the expected LDM keys
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_prefix(keys: list[str]) -> str:
+    """The prefix the VAE keys live under ("" for a separate VAE file)."""
+    for prefix in _VAE_PREFIXES:
+        if any(k.startswith(prefix + "encoder.") or k.startswith(prefix + "decoder.") for k in keys):
+            return prefix
+    return ""
+
+
+def _detect_naming(keys: list[str], source: str) -> str:
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        return "diffusers"
+    if "encoder.conv_in.weight" in keys or "decoder.conv_in.weight" in keys:
+        return "ldm"
+    raise UserError(
+        f"no VAE weights found in {source}: expected '{LDM_PREFIX}encoder.*' keys (all-in-one "
+        "checkpoint) or 'encoder.*'/'decoder.*' keys (separate VAE file); pass a VAE with --vae"
+    )
+
+
+def _down_blocks(shapes: Shapes, naming: str) -> dict[int, dict[int, int]]:
+    """{level: {resnet index: out channels}} of the encoder's down blocks."""
+    pattern = _NAMINGS[naming].down_resnet_conv1
+    blocks: dict[int, dict[int, int]] = {}
+    for key, shape in shapes.items():
+        match = pattern.match(key)
+        if match:
+            blocks.setdefault(int(match[1]), {})[int(match[2])] = shape[0]
+    return blocks
+
+
+def infer_vae_config(shapes: Shapes, naming: str = "ldm", source: str = "VAE") -> dict[str, Any]:
+    """The ``AutoencoderKL`` config of a VAE state dict, from its shapes (prefix already stripped).
+
+    Checks that it is an SD3-style VAE (16 latent channels, no quant convs) and raises a one-line
+    :class:`UserError` naming ``source`` otherwise. ``norm_num_groups`` cannot be seen in the
+    shapes and defaults to 32.
+    """
+    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
+    blocks = _down_blocks(shapes, naming)
+    if any(k not in shapes for k in required) or not blocks:
+        raise UserError(f"{source} is not a complete VAE: it lacks the encoder/decoder conv_in/conv_out or down blocks")
+    levels = sorted(blocks)
+    latent = shapes["decoder.conv_in.weight"][1]
+    moments = shapes["encoder.conv_out.weight"][0]
+    has_quant = any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in shapes)
+    if latent != LATENT_CHANNELS or moments != 2 * latent or has_quant:
+        found = f"{latent} latent channels" + (" and quant_conv layers" if has_quant else "")
+        raise UserError(
+            f"{source} is not an SD3 VAE: it has {found} (an SD1.x/SDXL VAE?); SD3/SD3.5 need the "
+            f"{LATENT_CHANNELS}-channel VAE without quant_conv (the one in the SD3 checkpoint)"
+        )
+    return {
+        "in_channels": shapes["encoder.conv_in.weight"][1],
+        "out_channels": shapes["decoder.conv_out.weight"][0],
+        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
+        "block_out_channels": [blocks[level][0] for level in levels],
+        "layers_per_block": len(blocks[levels[0]]),
+        "act_fn": "silu",
+        "latent_channels": latent,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": SCALING_FACTOR,
+        "shift_factor": SHIFT_FACTOR,
+        "force_upcast": True,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": _NAMINGS[naming].mid_attn_weight in shapes,
+    }
+
+
+def _resnet_shapes(prefix: str, c_in: int, c_out: int) -> dict[str, tuple[int, ...]]:
+    out = {
+        f"{prefix}.norm1.weight": (c_in,), f"{prefix}.norm1.bias": (c_in,),
+        f"{prefix}.conv1.weight": (c_out, c_in, 3, 3), f"{prefix}.conv1.bias": (c_out,),
+        f"{prefix}.norm2.weight": (c_out,), f"{prefix}.norm2.bias": (c_out,),
+        f"{prefix}.conv2.weight": (c_out, c_out, 3, 3), f"{prefix}.conv2.bias": (c_out,),
+    }
+    if c_in != c_out:
+        out |= {f"{prefix}.nin_shortcut.weight": (c_out, c_in, 1, 1), f"{prefix}.nin_shortcut.bias": (c_out,)}
+    return out
+
+
+def _mid_shapes(prefix: str, c: int, attention: bool) -> dict[str, tuple[int, ...]]:
+    out = _resnet_shapes(f"{prefix}.mid.block_1", c, c) | _resnet_shapes(f"{prefix}.mid.block_2", c, c)
+    if attention:
+        out |= {f"{prefix}.mid.attn_1.norm.weight": (c,), f"{prefix}.mid.attn_1.norm.bias": (c,)}
+        for name in ("q", "k", "v", "proj_out"):  # LDM attention projections are 1x1 convs
+            out |= {f"{prefix}.mid.attn_1.{name}.weight": (c, c, 1, 1), f"{prefix}.mid.attn_1.{name}.bias": (c,)}
+    return out
+
+
+def _conv(name: str, c_out: int, c_in: int, k: int) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (c_out, c_in, k, k), f"{name}.bias": (c_out,)}
+
+
+def ldm_vae_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every key (LDM naming, no prefix) and shape of the VAE described by an ``AutoencoderKL`` config."""
+    chans = list(config["block_out_channels"])
+    n, per_block, latent = len(chans), int(config["layers_per_block"]), int(config["latent_channels"])
+    attention = bool(config.get("mid_block_add_attention", True))
+    out = _conv("encoder.conv_in", chans[0], int(config.get("in_channels", 3)), 3)
+    c_prev = chans[0]
+    for i, c in enumerate(chans):
+        for j in range(per_block):
+            out |= _resnet_shapes(f"encoder.down.{i}.block.{j}", c_prev if j == 0 else c, c)
+        if i < n - 1:
+            out |= _conv(f"encoder.down.{i}.downsample.conv", c, c, 3)
+        c_prev = c
+    out |= _mid_shapes("encoder", chans[-1], attention)
+    out |= {"encoder.norm_out.weight": (chans[-1],), "encoder.norm_out.bias": (chans[-1],)}
+    out |= _conv("encoder.conv_out", 2 * latent, chans[-1], 3)
+    out |= _conv("decoder.conv_in", chans[-1], latent, 3)
+    out |= _mid_shapes("decoder", chans[-1], attention)
+    c_prev = chans[-1]
+    for i in reversed(range(n)):  # LDM numbers decoder levels like the encoder's: up.{n-1} runs first
+        for j in range(per_block + 1):
+            out |= _resnet_shapes(f"decoder.up.{i}.block.{j}", c_prev if j == 0 else chans[i], chans[i])
+        if i > 0:
+            out |= _conv(f"decoder.up.{i}.upsample.conv", chans[i], chans[i], 3)
+        c_prev = chans[i]
+    out |= {"decoder.norm_out.weight": (chans[0],), "decoder.norm_out.bias": (chans[0],)}
+    out |= _conv("decoder.conv_out", int(config.get("out_channels", 3)), chans[0], 3)
+    if config.get("use_quant_conv", False):
+        out |= _conv("quant_conv", 2 * latent, 2 * latent, 1)
+    if config.get("use_post_quant_conv", False):
+        out |= _conv("post_quant_conv", latent, latent, 1)
+    return out
