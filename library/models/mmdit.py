@@ -143,7 +143,7 @@ class JointBlock(nn.Module):
 
     def __init__(self, cfg: MMDiTConfig, index: int) -> None:
         super().__init__()
-        d, heads, mlp = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden_size
+        d, heads, mlp = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden
         last = index == cfg.depth - 1
         self.context_block = StreamBlock(d, heads, mlp, cfg.qk_norm, pre_only=last, dual=False)
         self.x_block = StreamBlock(d, heads, mlp, cfg.qk_norm, pre_only=False, dual=index in cfg.dual_attention_layers)

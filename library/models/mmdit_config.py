@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from library.errors import UserError
@@ -51,14 +51,11 @@ class MMDiTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         object.__setattr__(self, "dual_attention_layers", tuple(sorted(self.dual_attention_layers)))
+        object.__setattr__(self, "mlp_hidden", self.mlp_hidden or 4 * self.hidden_size)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_size(self) -> int:
-        return self.mlp_hidden or 4 * self.hidden_size
 
     @property
     def variant(self) -> str:
@@ -196,8 +193,8 @@ def _stream_shapes(shapes: dict, prefix: str, cfg: MMDiTConfig, pre_only: bool, 
         if not pre_only:
             _linear(shapes, f"{prefix}.{attn}.proj", d, d)
     if not pre_only:
-        _linear(shapes, f"{prefix}.mlp.fc1", cfg.mlp_hidden_size, d)
-        _linear(shapes, f"{prefix}.mlp.fc2", d, cfg.mlp_hidden_size)
+        _linear(shapes, f"{prefix}.mlp.fc1", cfg.mlp_hidden, d)
+        _linear(shapes, f"{prefix}.mlp.fc2", d, cfg.mlp_hidden)
     chunks = 2 if pre_only else (9 if dual else 6)
     _linear(shapes, f"{prefix}.adaLN_modulation.1", chunks * d, d)
 
@@ -224,6 +221,21 @@ def mmdit_shapes(cfg: MMDiTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def with_overrides(cfg: MMDiTConfig, **changes: Any) -> MMDiTConfig:
-    """A copy of ``cfg`` with ``changes`` applied (the config itself is frozen)."""
-    return replace(cfg, **changes)
+def to_diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` config of the same network (for tests, tools and exports)."""
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "sample_size": cfg.pos_embed_base_size * cfg.patch_size,
+        "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels,
+        "num_layers": cfg.depth,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim,
+        "caption_projection_dim": cfg.hidden_size,
+        "pooled_projection_dim": cfg.pooled_dim,
+        "out_channels": cfg.out_channels,
+        "pos_embed_max_size": cfg.pos_embed_max_size,
+        "dual_attention_layers": list(cfg.dual_attention_layers),
+        "qk_norm": "rms_norm" if cfg.qk_norm else None,
+    }

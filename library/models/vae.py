@@ -51,7 +51,6 @@ class _Naming:
 
     down_resnet_conv1: re.Pattern[str]
     mid_attn_weight: str
-    shortcut_name: str
 
 
 _NAMINGS: Mapping[str, _Naming] = MappingProxyType(
@@ -59,12 +58,10 @@ _NAMINGS: Mapping[str, _Naming] = MappingProxyType(
         "ldm": _Naming(
             re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight$"),
             "encoder.mid.attn_1.q.weight",
-            "nin_shortcut",
         ),
         "diffusers": _Naming(
             re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
             "encoder.mid_block.attentions.0.to_q.weight",
-            "conv_shortcut",
         ),
     }
 )
@@ -281,3 +278,186 @@ def ldm_vae_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     if config.get("use_post_quant_conv", False):
         out |= _conv("post_quant_conv", latent, latent, 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a VAE source holds: key prefix, naming scheme and the final ``AutoencoderKL`` config."""
+
+    prefix: str
+    naming: str
+    config: Mapping[str, Any]
+
+
+def vae_config_metadata(config: Mapping[str, Any]) -> dict[str, str]:
+    """Safetensors metadata that makes :func:`load_vae` use ``config`` instead of inferring one."""
+    return {VAE_CONFIG_METADATA_KEY: json.dumps(dict(config), sort_keys=True)}
+
+
+def _metadata_overrides(metadata: Mapping[str, str], source: str) -> dict[str, Any]:
+    raw = metadata.get(VAE_CONFIG_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{source}: metadata '{VAE_CONFIG_METADATA_KEY}' is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: metadata '{VAE_CONFIG_METADATA_KEY}' must be a JSON object")
+    return value
+
+
+def _final_config(inferred: Mapping[str, Any], overrides: list[Mapping[str, Any]], source: str) -> dict[str, Any]:
+    """Inferred config updated by each override in turn (private ``_*`` keys of saved configs ignored)."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    config = dict(inferred)
+    for override in overrides:
+        config.update({k: v for k, v in override.items() if not k.startswith("_")})
+    accepted = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise UserError(f"{source}: unknown VAE config keys {unknown}; valid keys are {sorted(accepted)}")
+    groups = int(config["norm_num_groups"])
+    if any(int(c) % groups for c in config["block_out_channels"]):
+        raise UserError(
+            f"{source}: norm_num_groups={groups} does not divide the channels {list(config['block_out_channels'])}; "
+            f"store the right config in the '{VAE_CONFIG_METADATA_KEY}' metadata"
+        )
+    return config
+
+
+def _diffusers_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _same_shape(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Equal shapes; LDM attention 1x1 convs (C, C, 1, 1) may also be stored as linears (C, C)."""
+    found, expected = tuple(found), tuple(expected)
+    return found == expected or (len(expected) == 4 and expected[2:] == (1, 1) and found == expected[:2])
+
+
+def _check_layout(found: Shapes, expected: Shapes, source: str) -> None:
+    """Raise a one-line :class:`UserError` listing missing, unexpected and mis-shaped keys."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected
+             if k in found and not _same_shape(found[k], expected[k])]
+    problems = [
+        f"{len(items)} {label}, e.g. {', '.join(items[:_MAX_LISTED])}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
+    if problems:
+        raise UserError(f"{source} does not match the SD3 VAE layout: {'; '.join(problems)}")
+
+
+def _plan(all_shapes: Shapes, overrides: list[Mapping[str, Any]], source: str) -> _Plan:
+    """Find the VAE keys, infer and check the config, and check every key and shape before loading."""
+    prefix = _split_prefix(list(all_shapes))
+    shapes = {k[len(prefix):]: tuple(v) for k, v in all_shapes.items() if k.startswith(prefix)}
+    naming = _detect_naming(list(shapes), source)
+    config = _final_config(infer_vae_config(shapes, naming, source), overrides, source)
+    expected = ldm_vae_shapes(config) if naming == "ldm" else _diffusers_shapes(config)
+    _check_layout(shapes, expected, source)
+    return _Plan(prefix=prefix, naming=naming, config=config)
+
+
+def _plan_file(path: Path, source: str, config: Mapping[str, Any] | None) -> _Plan:
+    overrides = [_metadata_overrides(read_metadata(path, what="VAE file"), source), dict(config or {})]
+    return _plan(read_shapes(path, what="VAE file"), overrides, source)
+
+
+def _build_autoencoder(config: Mapping[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> AutoencoderKL:
+    """An ``AutoencoderKL`` built on the meta device that takes over the given tensors (strict)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{source}: the VAE weights do not fit the model ({' '.join(str(exc).split())[:300]})") from None
+    return model
+
+
+def load_vae(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    mmap: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> SD3VAE:
+    """Load a frozen (eval, no grad) SD3 VAE.
+
+    ``path_or_state_dict``: an all-in-one checkpoint (``first_stage_model.*``), a separate VAE file
+    in LDM or diffusers naming, or such a state dict. ``config`` entries override both the inferred
+    config and the file's :data:`VAE_CONFIG_METADATA_KEY` metadata. Keys and shapes are checked
+    before any tensor is read. A state dict given in the target dtype and device is taken over,
+    not copied.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if isinstance(path_or_state_dict, Mapping):
+        source = "VAE state dict"
+        plan = _plan({k: tuple(v.shape) for k, v in path_or_state_dict.items()}, [dict(config or {})], source)
+        state_dict = {k[len(plan.prefix):]: v for k, v in path_or_state_dict.items() if k.startswith(plan.prefix)}
+    else:
+        path = Path(path_or_state_dict)
+        source = f"VAE file {path}"
+        plan = _plan_file(path, source, config)
+        state_dict = load_safetensors(path, mmap=mmap, prefix=plan.prefix or None, what="VAE file")
+    if plan.naming == "ldm":
+        state_dict = convert_ldm_vae_checkpoint(state_dict, dict(plan.config))
+    autoencoder = _build_autoencoder(plan.config, state_dict, source)
+    del state_dict
+    autoencoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    logger.info(
+        "loaded SD3 VAE from %s (%s naming, channels %s, %s)",
+        source, plan.naming, list(plan.config["block_out_channels"]), dtype,
+    )
+    return SD3VAE(autoencoder)
+
+
+def _diffusers_to_ldm(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers-named VAE state dict to LDM naming (attention linears back to 1x1 convs).
+
+    diffusers has no reverse converter, so the key map is read off its forward converter: each
+    LDM key gets a one-element probe tensor holding its index, and the converted dict says where
+    every index went.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    expected = ldm_vae_shapes(config)
+    ldm_keys = list(expected)
+    probe = {k: torch.full((1, 1, 1, 1), float(i)) for i, k in enumerate(ldm_keys)}
+    converted = convert_ldm_vae_checkpoint(probe, dict(config))
+    key_map = {d_key: ldm_keys[int(t.reshape(-1)[0])] for d_key, t in converted.items()}
+    return {key_map[k]: v.reshape(expected[key_map[k]]) for k, v in tensors.items()}
+
+
+def vae_ldm_tensors(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """The VAE tensors of ``path`` under ``first_stage_model.`` in LDM naming, for saving checkpoints.
+
+    LDM-named sources come back exactly as stored (same tensors, dtypes and shapes); a
+    diffusers-named VAE file is renamed to LDM naming (values and dtypes unchanged).
+    """
+    path = Path(path)
+    source = f"VAE file {path}"
+    plan = _plan_file(path, source, None)
+    tensors = load_safetensors(path, mmap=mmap, prefix=plan.prefix or None, what="VAE file")
+    if plan.naming == "diffusers":
+        tensors = _diffusers_to_ldm(tensors, plan.config)
+    return {LDM_PREFIX + k: v for k, v in tensors.items()}
