@@ -34,16 +34,18 @@ def read_mmdit_config(path: str | os.PathLike, overrides: Mapping[str, Any] | No
     """The MMDiT config of a checkpoint file, from its header only (no tensor data is read)."""
     header = read_header(path, "checkpoint")
     metadata = header.get("__metadata__") or {}
-    prefix, keys = split_mmdit_keys([k for k in header if k != "__metadata__"])
+    all_keys = [k for k in header if k != "__metadata__"]
+    prefix, keys = split_mmdit_keys(all_keys)
     shapes = {k: tuple(header[prefix + k]["shape"]) for k in keys}
-    return infer_mmdit_config(shapes, metadata.get(MMDIT_CONFIG_METADATA_KEY), str(path), overrides)
+    return infer_mmdit_config(shapes, metadata.get(MMDIT_CONFIG_METADATA_KEY), str(path), overrides, all_keys)
 
 
 def mmdit_state_dict_from_file(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
     """The prefix-free MMDiT tensors of a single-file checkpoint (other components are not read)."""
     header = read_header(path, "checkpoint")
-    prefix, keys = split_mmdit_keys([k for k in header if k != "__metadata__"])
-    check_mmdit_keys(keys, str(path))
+    all_keys = [k for k in header if k != "__metadata__"]
+    prefix, keys = split_mmdit_keys(all_keys)
+    check_mmdit_keys(keys, str(path), all_keys)
     if prefix:
         return load_safetensors(path, mmap=mmap, prefix=prefix, what="checkpoint")
     wanted = set(keys)
@@ -92,6 +94,7 @@ def load_mmdit(
     if isinstance(path_or_state_dict, Mapping):
         source = "state dict"
         prefix, keys = split_mmdit_keys(list(path_or_state_dict.keys()))
+        check_mmdit_keys(keys, source, list(path_or_state_dict.keys()))
         state_dict = {k: path_or_state_dict[prefix + k] for k in keys}
         metadata_json = None
     else:

@@ -100,11 +100,14 @@ def split_mmdit_keys(keys: Sequence[str]) -> tuple[str, list[str]]:
     return "", [k for k in keys if k.split(".", 1)[0] in _MMDIT_TOP_LEVEL]
 
 
-def check_mmdit_keys(keys: Sequence[str], source: str) -> None:
-    """Raise a one-line UserError unless ``keys`` (prefix stripped) look like an SD3 MMDiT."""
+def check_mmdit_keys(keys: Sequence[str], source: str, all_keys: Sequence[str] | None = None) -> None:
+    """Raise a one-line UserError unless ``keys`` (prefix stripped) look like an SD3 MMDiT.
+
+    ``all_keys`` (the file's full key list) lets the message name what the file is instead.
+    """
     keyset = set(keys)
     if "x_embedder.proj.weight" not in keyset or not any(k.startswith("joint_blocks.") for k in keyset):
-        hint = _foreign_model_hint(list(keys)) or "no model.diffusion_model.joint_blocks.* tensors"
+        hint = _foreign_model_hint(list(all_keys or keys)) or "no model.diffusion_model.joint_blocks.* tensors"
         raise UserError(f"{source} is not an SD3/SD3.5 checkpoint: found {hint}; pass an SD3 or SD3.5 .safetensors file")
     if "pos_embed" not in keyset:
         raise UserError(
@@ -128,13 +131,14 @@ def infer_mmdit_config(
     metadata_json: str | None = None,
     source: str = "state dict",
     overrides: Mapping[str, Any] | None = None,
+    all_keys: Sequence[str] | None = None,
 ) -> MMDiTConfig:
     """Infer the MMDiT config from prefix-free ``{key: shape}`` (see DESIGN §3).
 
     ``metadata_json`` (our own ``sd3_trainer.mmdit_config``) supplies what shapes cannot tell,
     i.e. the head count of miniature models; ``overrides`` win over both.
     """
-    check_mmdit_keys(list(shapes), source)
+    check_mmdit_keys(list(shapes), source, all_keys)
     hidden, in_ch, patch, _ = shapes["x_embedder.proj.weight"]
     depth = len(_block_indices(shapes, ".x_block.attn.qkv.weight"))
     rows = shapes["pos_embed"][1]

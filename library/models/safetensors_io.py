@@ -104,20 +104,63 @@ def load_safetensors(
     return out
 
 
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[list[str], bytes]:
+    """Data order (widest dtype first, then name, so every tensor is aligned) and the padded header."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _DTYPE_CODES:
+            raise ValueError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return order, raw
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``tensors`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+    """Write ``tensors`` to ``path`` atomically (temp file in the same folder, then rename).
 
+    The layout is deterministic (sorted metadata, fixed tensor order), so saving the same tensors
+    and metadata twice gives identical bytes, and tensors are streamed one at a time, so no
+    second copy of the whole model is built in memory.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    order, header = _layout(tensors, metadata or {})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     try:
-        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for key in order:
+                t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+                f.write(memoryview(t.view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

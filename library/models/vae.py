@@ -45,31 +45,16 @@ _MAX_LISTED = 3
 Shapes = Mapping[str, tuple[int, ...]]
 
 
-@dataclass(frozen=True)
-class _Naming:
-    """Where the shape inference finds things in one key naming scheme."""
-
-    down_resnet_conv1: re.Pattern[str]
-    mid_attn_weight: str
-
-
-_NAMINGS: Mapping[str, _Naming] = MappingProxyType(
-    {
-        "ldm": _Naming(
-            re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight$"),
-            "encoder.mid.attn_1.q.weight",
-        ),
-        "diffusers": _Naming(
-            re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
-            "encoder.mid_block.attentions.0.to_q.weight",
-        ),
-    }
-)
+# Per key naming: the encoder's down-block resnet conv1 (level, index) and the mid attention's query.
+_NAMINGS: Mapping[str, tuple[re.Pattern[str], str]] = MappingProxyType({
+    "ldm": (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight$"), "encoder.mid.attn_1.q.weight"),
+    "diffusers": (
+        re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
+        "encoder.mid_block.attentions.0.to_q.weight",
+    ),
+})
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure helpers: latent scale/shift and posterior sampling
-# ---------------------------------------------------------------------------------------------
 
 
 def latents_from_vae_space(z: torch.Tensor) -> torch.Tensor:
@@ -97,9 +82,6 @@ def sample_posterior(
     return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
 
 
 class SD3VAE(nn.Module):
@@ -145,9 +127,6 @@ class SD3VAE(nn.Module):
         return self.autoencoder.decode(z).sample.float()
 
 
-# ---------------------------------------------------------------------------------------------
-# Layout: config inference and the expected LDM keys
-# ---------------------------------------------------------------------------------------------
 
 
 def _split_prefix(keys: list[str]) -> str:
@@ -171,7 +150,7 @@ def _detect_naming(keys: list[str], source: str) -> str:
 
 def _down_blocks(shapes: Shapes, naming: str) -> dict[int, dict[int, int]]:
     """{level: {resnet index: out channels}} of the encoder's down blocks."""
-    pattern = _NAMINGS[naming].down_resnet_conv1
+    pattern = _NAMINGS[naming][0]
     blocks: dict[int, dict[int, int]] = {}
     for key, shape in shapes.items():
         match = pattern.match(key)
@@ -208,16 +187,10 @@ def infer_vae_config(shapes: Shapes, naming: str = "ldm", source: str = "VAE") -
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
         "block_out_channels": [blocks[level][0] for level in levels],
         "layers_per_block": len(blocks[levels[0]]),
-        "act_fn": "silu",
-        "latent_channels": latent,
-        "norm_num_groups": 32,
-        "sample_size": 1024,
-        "scaling_factor": SCALING_FACTOR,
-        "shift_factor": SHIFT_FACTOR,
-        "force_upcast": True,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": _NAMINGS[naming].mid_attn_weight in shapes,
+        "act_fn": "silu", "latent_channels": latent, "norm_num_groups": 32, "sample_size": 1024,
+        "scaling_factor": SCALING_FACTOR, "shift_factor": SHIFT_FACTOR, "force_upcast": True,
+        "use_quant_conv": False, "use_post_quant_conv": False,
+        "mid_block_add_attention": _NAMINGS[naming][1] in shapes,
     }
 
 
@@ -280,9 +253,6 @@ def ldm_vae_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -421,14 +391,15 @@ def load_vae(
         state_dict = load_safetensors(path, mmap=mmap, prefix=plan.prefix or None, what="VAE file")
     if plan.naming == "ldm":
         state_dict = convert_ldm_vae_checkpoint(state_dict, dict(plan.config))
+    for key in list(state_dict):  # one tensor at a time, so two full copies never coexist
+        state_dict[key] = state_dict[key].to(device=device, dtype=dtype)
     autoencoder = _build_autoencoder(plan.config, state_dict, source)
     del state_dict
-    autoencoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     logger.info(
         "loaded SD3 VAE from %s (%s naming, channels %s, %s)",
         source, plan.naming, list(plan.config["block_out_channels"]), dtype,
     )
-    return SD3VAE(autoencoder)
+    return SD3VAE(autoencoder).eval().requires_grad_(False)
 
 
 def _diffusers_to_ldm(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
