@@ -1,29 +1,26 @@
 """The SD3 / SD3.5 VAE: diffusers' ``AutoencoderKL`` (SDXL layout, 16 latent channels, no quant convs).
 
-Checkpoints store the VAE in LDM naming (``encoder.down.0.block.0.conv1.weight``...), either inside an
-all-in-one file under ``first_stage_model.`` or as a separate file without prefix; a separate file
-may also be in diffusers naming (``encoder.down_blocks.0.resnets.0.conv1.weight``). The layout is
-inferred from the tensor shapes; a JSON ``AutoencoderKL`` config stored in the safetensors metadata
-key :data:`VAE_CONFIG_METADATA_KEY` overrides the inference (tiny test models need fewer norm groups).
-
-Latent spaces: the VAE encoder produces ``z`` ("VAE space"); the MMDiT works on
-``l = (z - SHIFT_FACTOR) * SCALING_FACTOR`` and decoding inverts that with ``z = l / SCALING_FACTOR +
-SHIFT_FACTOR``.
+Checkpoints hold the VAE in LDM naming (``encoder.down.0.block.0.conv1.weight``) under
+``first_stage_model.`` (all-in-one) or without prefix (separate file); a separate file may also use
+diffusers naming (``encoder.down_blocks.0.resnets.0.conv1.weight``). The config is inferred from the
+shapes; a JSON ``AutoencoderKL`` config in the metadata key :data:`VAE_CONFIG_METADATA_KEY` overrides
+it (tiny test models need fewer norm groups). The MMDiT works on ``l = (z - 0.0609) * 1.5305`` of the
+VAE-space latents ``z``; decoding undoes it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from library.errors import UserError
 from library.models.safetensors_io import load_safetensors, read_metadata, read_shapes
@@ -44,44 +41,34 @@ _MAX_LISTED = 3
 
 Shapes = Mapping[str, tuple[int, ...]]
 
-
 # Per key naming: the encoder's down-block resnet conv1 (level, index) and the mid attention's query.
 _NAMINGS: Mapping[str, tuple[re.Pattern[str], str]] = MappingProxyType({
     "ldm": (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight$"), "encoder.mid.attn_1.q.weight"),
-    "diffusers": (
-        re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
-        "encoder.mid_block.attentions.0.to_q.weight",
-    ),
+    "diffusers": (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight$"),
+                  "encoder.mid_block.attentions.0.to_q.weight"),
 })
 
 
-
-
-def latents_from_vae_space(z: torch.Tensor) -> torch.Tensor:
+def latents_from_vae_space(z: Tensor) -> Tensor:
     """VAE-space latents -> MMDiT latents: ``(z - 0.0609) * 1.5305``."""
     return (z - SHIFT_FACTOR) * SCALING_FACTOR
 
 
-def vae_space_from_latents(latents: torch.Tensor) -> torch.Tensor:
+def vae_space_from_latents(latents: Tensor) -> Tensor:
     """MMDiT latents -> VAE-space latents: ``l / 1.5305 + 0.0609``."""
     return latents / SCALING_FACTOR + SHIFT_FACTOR
 
 
-def sample_posterior(
-    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_posterior(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Draw ``z = mean + exp(0.5 * clamp(logvar, -30, 20)) * eps`` with ``eps ~ N(0, 1)``.
 
-    ``eps`` is drawn in float32 on the generator's device (the mean's device when there is no
-    generator) and then moved to the mean's device, so one seed gives the same sample whatever
-    device the VAE runs on.
+    ``eps`` is drawn in float32 on the generator's device (else the mean's) and then moved to the
+    mean's device, so one seed gives the same sample whatever device the VAE runs on.
     """
     std = torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE))
     noise_device = generator.device if generator is not None else mean.device
     eps = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
     return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
-
-
 
 
 class SD3VAE(nn.Module):
@@ -103,15 +90,15 @@ class SD3VAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, 16, H/8, W/8), float32."""
         x = images.to(device=self.device, dtype=self.dtype)
         posterior = self.autoencoder.encode(x).latent_dist
         return posterior.mean.float(), posterior.logvar.float()
 
     def encode(
-        self, images: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+        self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> MMDiT latents (B, 16, H/8, W/8), float32.
 
         ``sample=True`` (the default, as sd-scripts caches) draws from the posterior with
@@ -121,12 +108,10 @@ class SD3VAE(nn.Module):
         z = sample_posterior(mean, logvar, generator) if sample else mean
         return latents_from_vae_space(z)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: Tensor) -> Tensor:
         """MMDiT latents (B, 16, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1], float32."""
         z = vae_space_from_latents(latents.float()).to(device=self.device, dtype=self.dtype)
         return self.autoencoder.decode(z).sample.float()
-
-
 
 
 def _split_prefix(keys: list[str]) -> str:
@@ -153,8 +138,7 @@ def _down_blocks(shapes: Shapes, naming: str) -> dict[int, dict[int, int]]:
     pattern = _NAMINGS[naming][0]
     blocks: dict[int, dict[int, int]] = {}
     for key, shape in shapes.items():
-        match = pattern.match(key)
-        if match:
+        if match := pattern.match(key):
             blocks.setdefault(int(match[1]), {})[int(match[2])] = shape[0]
     return blocks
 
@@ -166,10 +150,10 @@ def infer_vae_config(shapes: Shapes, naming: str = "ldm", source: str = "VAE") -
     :class:`UserError` naming ``source`` otherwise. ``norm_num_groups`` cannot be seen in the
     shapes and defaults to 32.
     """
-    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
     blocks = _down_blocks(shapes, naming)
-    if any(k not in shapes for k in required) or not blocks:
-        raise UserError(f"{source} is not a complete VAE: it lacks the encoder/decoder conv_in/conv_out or down blocks")
+    convs = [f"{part}.{conv}.weight" for part in ("encoder", "decoder") for conv in ("conv_in", "conv_out")]
+    if not blocks or any(k not in shapes for k in convs):
+        raise UserError(f"{source} is not a complete VAE: it lacks encoder/decoder conv_in/conv_out or down blocks")
     levels = sorted(blocks)
     latent = shapes["decoder.conv_in.weight"][1]
     moments = shapes["encoder.conv_out.weight"][0]
@@ -246,17 +230,10 @@ def ldm_vae_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         c_prev = chans[i]
     out |= {"decoder.norm_out.weight": (chans[0],), "decoder.norm_out.bias": (chans[0],)}
     out |= _conv("decoder.conv_out", int(config.get("out_channels", 3)), chans[0], 3)
-    if config.get("use_quant_conv", False):
-        out |= _conv("quant_conv", 2 * latent, 2 * latent, 1)
-    if config.get("use_post_quant_conv", False):
-        out |= _conv("post_quant_conv", latent, latent, 1)
     return out
 
 
-
-
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """What a VAE source holds: key prefix, naming scheme and the final ``AutoencoderKL`` config."""
 
     prefix: str
@@ -275,17 +252,15 @@ def _metadata_overrides(metadata: Mapping[str, str], source: str) -> dict[str, A
         return {}
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{source}: metadata '{VAE_CONFIG_METADATA_KEY}' is not valid JSON ({exc})") from None
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, dict):
-        raise UserError(f"{source}: metadata '{VAE_CONFIG_METADATA_KEY}' must be a JSON object")
+        raise UserError(f"{source}: metadata '{VAE_CONFIG_METADATA_KEY}' is not a JSON AutoencoderKL config")
     return value
 
 
 def _final_config(inferred: Mapping[str, Any], overrides: list[Mapping[str, Any]], source: str) -> dict[str, Any]:
     """Inferred config updated by each override in turn (private ``_*`` keys of saved configs ignored)."""
-    import inspect
-
     from diffusers import AutoencoderKL
 
     config = dict(inferred)
@@ -297,10 +272,9 @@ def _final_config(inferred: Mapping[str, Any], overrides: list[Mapping[str, Any]
         raise UserError(f"{source}: unknown VAE config keys {unknown}; valid keys are {sorted(accepted)}")
     groups = int(config["norm_num_groups"])
     if any(int(c) % groups for c in config["block_out_channels"]):
-        raise UserError(
-            f"{source}: norm_num_groups={groups} does not divide the channels {list(config['block_out_channels'])}; "
-            f"store the right config in the '{VAE_CONFIG_METADATA_KEY}' metadata"
-        )
+        channels = list(config["block_out_channels"])
+        raise UserError(f"{source}: norm_num_groups={groups} does not divide the channels {channels}; "
+                        f"store the right config in the '{VAE_CONFIG_METADATA_KEY}' metadata")
     return config
 
 
@@ -314,7 +288,6 @@ def _diffusers_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def _same_shape(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     """Equal shapes; LDM attention 1x1 convs (C, C, 1, 1) may also be stored as linears (C, C)."""
-    found, expected = tuple(found), tuple(expected)
     return found == expected or (len(expected) == 4 and expected[2:] == (1, 1) and found == expected[:2])
 
 
@@ -322,13 +295,9 @@ def _check_layout(found: Shapes, expected: Shapes, source: str) -> None:
     """Raise a one-line :class:`UserError` listing missing, unexpected and mis-shaped keys."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected
-             if k in found and not _same_shape(found[k], expected[k])]
-    problems = [
-        f"{len(items)} {label}, e.g. {', '.join(items[:_MAX_LISTED])}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if items
-    ]
+    wrong = [f"{k} {found[k]} != {s}" for k, s in expected.items() if k in found and not _same_shape(found[k], s)]
+    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+    problems = [f"{len(items)} {label}, e.g. {', '.join(items[:_MAX_LISTED])}" for label, items in labelled if items]
     if problems:
         raise UserError(f"{source} does not match the SD3 VAE layout: {'; '.join(problems)}")
 
@@ -349,7 +318,7 @@ def _plan_file(path: Path, source: str, config: Mapping[str, Any] | None) -> _Pl
     return _plan(read_shapes(path, what="VAE file"), overrides, source)
 
 
-def _build_autoencoder(config: Mapping[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> AutoencoderKL:
+def _build_autoencoder(config: Mapping[str, Any], state_dict: dict[str, Tensor], source: str) -> AutoencoderKL:
     """An ``AutoencoderKL`` built on the meta device that takes over the given tensors (strict)."""
     from diffusers import AutoencoderKL
 
@@ -358,12 +327,12 @@ def _build_autoencoder(config: Mapping[str, Any], state_dict: dict[str, torch.Te
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
-        raise UserError(f"{source}: the VAE weights do not fit the model ({' '.join(str(exc).split())[:300]})") from None
+        raise UserError(f"{source}: VAE weights do not fit the model ({' '.join(str(exc).split())[:300]})") from None
     return model
 
 
 def load_vae(
-    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -372,11 +341,10 @@ def load_vae(
 ) -> SD3VAE:
     """Load a frozen (eval, no grad) SD3 VAE.
 
-    ``path_or_state_dict``: an all-in-one checkpoint (``first_stage_model.*``), a separate VAE file
-    in LDM or diffusers naming, or such a state dict. ``config`` entries override both the inferred
-    config and the file's :data:`VAE_CONFIG_METADATA_KEY` metadata. Keys and shapes are checked
-    before any tensor is read. A state dict given in the target dtype and device is taken over,
-    not copied.
+    ``path_or_state_dict``: an all-in-one checkpoint (``first_stage_model.*``), a separate VAE file in
+    LDM or diffusers naming, or such a state dict. ``config`` entries override the inferred config and
+    the file's :data:`VAE_CONFIG_METADATA_KEY` metadata. Keys and shapes are checked before any tensor
+    is read; tensors already in the target dtype and device are taken over, not copied.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -395,19 +363,15 @@ def load_vae(
         state_dict[key] = state_dict[key].to(device=device, dtype=dtype)
     autoencoder = _build_autoencoder(plan.config, state_dict, source)
     del state_dict
-    logger.info(
-        "loaded SD3 VAE from %s (%s naming, channels %s, %s)",
-        source, plan.naming, list(plan.config["block_out_channels"]), dtype,
-    )
+    logger.info("loaded SD3 VAE from %s (%s naming, %s)", source, plan.naming, dtype)
     return SD3VAE(autoencoder).eval().requires_grad_(False)
 
 
-def _diffusers_to_ldm(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _diffusers_to_ldm(tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
     """Rename a diffusers-named VAE state dict to LDM naming (attention linears back to 1x1 convs).
 
-    diffusers has no reverse converter, so the key map is read off its forward converter: each
-    LDM key gets a one-element probe tensor holding its index, and the converted dict says where
-    every index went.
+    diffusers has no reverse converter, so the key map is read off its forward converter: each LDM
+    key gets a one-element probe tensor holding its index, and the converted dict says where it went.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -419,7 +383,7 @@ def _diffusers_to_ldm(tensors: Mapping[str, torch.Tensor], config: Mapping[str, 
     return {key_map[k]: v.reshape(expected[key_map[k]]) for k, v in tensors.items()}
 
 
-def vae_ldm_tensors(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+def vae_ldm_tensors(path: str | os.PathLike, mmap: bool = True) -> dict[str, Tensor]:
     """The VAE tensors of ``path`` under ``first_stage_model.`` in LDM naming, for saving checkpoints.
 
     LDM-named sources come back exactly as stored (same tensors, dtypes and shapes); a

@@ -179,9 +179,11 @@ def test_posterior_sample_is_seeded_and_differs_from_mean(files: dict[str, Path]
 
 
 def test_sdxl_vae_is_rejected(tmp_path: Path) -> None:
-    config = {**tiny_vae_config(), "latent_channels": 4, "use_quant_conv": True, "use_post_quant_conv": True}
+    shapes = ldm_vae_shapes({**tiny_vae_config(), "latent_channels": 4})
+    shapes |= {"quant_conv.weight": (8, 8, 1, 1), "quant_conv.bias": (8,)}
+    shapes |= {"post_quant_conv.weight": (4, 4, 1, 1), "post_quant_conv.bias": (4,)}
     path = tmp_path / "sdxl_vae.safetensors"
-    save_safetensors({k: torch.zeros(s) for k, s in ldm_vae_shapes(config).items()}, path)
+    save_safetensors({k: torch.zeros(s) for k, s in shapes.items()}, path)
     with pytest.raises(UserError) as excinfo:
         load_vae(path)
     message = _single_line_error(excinfo)
@@ -222,6 +224,7 @@ def test_vae_ldm_tensors_pass_through(files: dict[str, Path], tmp_path: Path) ->
     path = tmp_path / "mixed.safetensors"
     save_safetensors(mixed, path, tiny_vae_metadata())
     stored = load_safetensors(path, prefix=LDM_PREFIX, strip_prefix=False)
+    assert {p.dtype for p in load_vae(path).parameters()} == {torch.float32}
     for source in (path, files["ldm"], files["diffusers"], files["all_in_one"]):
         tensors = vae_ldm_tensors(source, mmap=source != path)
         reference = stored if source == path else {LDM_PREFIX + k: v for k, v in ldm.items()}
