@@ -245,7 +245,8 @@ class MMDiT(nn.Module):
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        hidden = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
+        hidden = self.x_embedder(x)  # (B, h*w, D); the residual stream keeps this dtype
+        hidden = hidden + self.cropped_pos_embed(h, w).to(hidden.dtype)
         t_freq = timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]))
         c = self.t_embedder(t_freq.to(self.t_embedder.mlp[0].weight.dtype)) + self.y_embedder(y)
         ctx = self.context_embedder(context)
