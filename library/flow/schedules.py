@@ -72,7 +72,7 @@ def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
             c = np.where(np.abs(c) < tiny, tiny, c)
             d = 1 / d
             f = f * c * d
-    front = np.exp(log_front) * (f - 1)
+    front = np.exp(log_front) * f
     out = np.where(swap, 1 - front, front)
     return np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, out))
 
@@ -84,7 +84,10 @@ def beta_ppf(q: np.ndarray, a: float, b: float, iters: int = 80) -> np.ndarray:
         mid = (lo + hi) / 2
         below = _betainc(a, b, mid) < q
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    return (lo + hi) / 2
+    out = (lo + hi) / 2
+    # ComfyUI rounds ppf·999 with rint: the exact median 1/2 of a symmetric Beta is a tie that
+    # must not come out a hair low (499.4999… instead of 499.5).
+    return np.where((a == b) & (np.asarray(q) == 0.5), 0.5, out)
 
 
 def beta_sigmas(steps: int, shift: float, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
