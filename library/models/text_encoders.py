@@ -26,9 +26,7 @@ trains. transformers is imported lazily.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -38,28 +36,25 @@ import torch
 
 from library.errors import UserError
 from library.models.safetensors_io import load_safetensors, read_metadata, read_shapes
+from library.models.text_encoder_config import (
+    CLIP_LABEL,
+    CLIP_REAL_WIDTH,
+    CLIP_SIGNATURE,
+    T5_SIGNATURE,
+    clean_state_dict,
+    config_to_json,
+    describe_foreign_file,
+    infer_clip_config,
+    infer_or_fail,
+    infer_t5_config,
+    keys_preview,
+    parse_config_json,
+)
 
 logger = logging.getLogger(__name__)
 
-CLIP_SIGNATURE = "text_model.embeddings.token_embedding.weight"
-T5_SIGNATURE = "encoder.block.0.layer.0.SelfAttention.q.weight"
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CLIP_ACTIVATION = MappingProxyType({"l": "quick_gelu", "g": "gelu"})
-_CLIP_REAL_WIDTH = MappingProxyType({"l": 768, "g": 1280})
-_CLIP_LABEL = MappingProxyType({"l": "CLIP-L", "g": "CLIP-G"})
-_CLIP_ARCH_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-    "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
-    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-)  # fmt: skip
-_T5_ARCH_KEYS = (
-    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
-    "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "feed_forward_proj",
-    "pad_token_id", "eos_token_id", "decoder_start_token_id",
-)  # fmt: skip
-_ARCH_KEYS_BY_TYPE = MappingProxyType({"clip_text_model": _CLIP_ARCH_KEYS, "t5": _T5_ARCH_KEYS})
-_IGNORED_KEYS = frozenset({"text_model.embeddings.position_ids", "logit_scale", "scaled_fp8"})
-_IGNORED_PREFIXES = ("decoder.", "lm_head.")  # a full T5 file: only the encoder is used
+
 
 
 @dataclass
@@ -75,106 +70,15 @@ class TextEncoders:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def _keys_preview(keys: list[str], n: int = 3) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _count_indexed(sd: Mapping[str, Any], pattern: str) -> int:
-    indices = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
 def _check_compute_dtype(dtype: torch.dtype) -> None:
     if dtype not in COMPUTE_DTYPES:
         raise UserError(f"text encoder compute dtype must be float32, bfloat16 or float16, got {dtype}")
 
 
-def infer_clip_config(sd: Mapping[str, torch.Tensor], which: str) -> dict[str, Any]:
-    """CLIPTextConfig fields from shapes (real rules: head width 64; activation by ``which``)."""
-    label = _CLIP_LABEL[which]
-    vocab, hidden = sd[CLIP_SIGNATURE].shape
-    if hidden % 64:
-        raise UserError(
-            f"{label} width {hidden} is not a multiple of 64, so its heads cannot be inferred; "
-            f"store its config in the file metadata as sd3_trainer.clip_{which}_config"
-        )
-    proj = sd.get("text_projection.weight")
-    return {
-        "vocab_size": int(vocab),
-        "hidden_size": int(hidden),
-        "intermediate_size": int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        "projection_dim": int(proj.shape[0]) if proj is not None else int(hidden),
-        "num_hidden_layers": _count_indexed(sd, r"text_model\.encoder\.layers\.(\d+)\."),
-        "num_attention_heads": int(hidden) // 64,
-        "max_position_embeddings": int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
-        "hidden_act": _CLIP_ACTIVATION[which],
-        "layer_norm_eps": 1e-5,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-    }
-
-
-def infer_t5_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """T5Config fields from shapes (heads from the relative attention bias; gated-gelu if wi_0)."""
-    vocab, d_model = sd["shared.weight"].shape
-    buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    wi = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")]
-    return {
-        "vocab_size": int(vocab),
-        "d_model": int(d_model),
-        "d_kv": int(sd[T5_SIGNATURE].shape[0]) // int(heads),
-        "d_ff": int(wi.shape[0]),
-        "num_layers": _count_indexed(sd, r"encoder\.block\.(\d+)\."),
-        "num_heads": int(heads),
-        "relative_attention_num_buckets": int(buckets),
-        "relative_attention_max_distance": 128,
-        "feed_forward_proj": "gated-gelu" if gated else "relu",
-        "layer_norm_epsilon": 1e-6,
-        "dropout_rate": 0.1,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "decoder_start_token_id": 0,
-    }
-
-
-def config_to_json(config: Any) -> str:
-    """The architecture fields of a CLIP text / T5 config as JSON, for the metadata keys."""
-    keys = _ARCH_KEYS_BY_TYPE[config.model_type]
-    return json.dumps({k: getattr(config, k) for k in keys if hasattr(config, k)}, sort_keys=True)
-
-
-def _parse_config_json(text: str | Mapping[str, Any], config_cls: type, label: str, source: str) -> dict:
-    try:
-        raw = json.loads(text) if isinstance(text, str) else dict(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{label} config in the metadata of {source} is not valid JSON ({exc}); re-save the file") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{label} config in the metadata of {source} is not a JSON object; re-save the file")
-    known = set(config_cls().to_dict())
-    return {k: v for k, v in raw.items() if k in known and k not in ("dtype", "torch_dtype", "transformers_version")}
-
-
-def _clean_state_dict(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Drop harmless extras and dequantise ComfyUI scaled fp8 (weight * scale_weight)."""
-    out = {
-        k: v
-        for k, v in sd.items()
-        if k not in _IGNORED_KEYS and not k.endswith(".scale_input") and not k.startswith(_IGNORED_PREFIXES)
-    }
-    for key in [k for k in out if k.endswith(".scale_weight")]:
-        scale = out.pop(key)
-        weight_key = key[: -len("scale_weight")] + "weight"
-        if weight_key in out:
-            out[weight_key] = out[weight_key].to(dtype) * scale.to(dtype)
-    return out
-
-
 def _require_signature(sd: Mapping[str, Any], signature: str, label: str, source: str) -> None:
     if signature not in sd:
         raise UserError(
-            f"{source} has no {label} weights ({signature} missing; first keys: {_keys_preview(sorted(sd))}); "
+            f"{source} has no {label} weights ({signature} missing; first keys: {keys_preview(sorted(sd))}); "
             f"pass a {label} file with Hugging Face key names"
         )
 
@@ -194,15 +98,16 @@ def _load_strict(model: Any, sd: Mapping[str, torch.Tensor], label: str, source:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        parts = [f"missing {_keys_preview(missing)}" if missing else "", f"unexpected {_keys_preview(unexpected)}" if unexpected else ""]
+        parts = [f"missing {keys_preview(missing)}"] if missing else []
+        parts += [f"unexpected {keys_preview(unexpected)}"] if unexpected else []
         raise UserError(
-            f"{label} weights in {source} do not match the model ({'; '.join(p for p in parts if p)}); "
+            f"{label} weights in {source} do not match the model ({'; '.join(parts)}); "
             f"pass a complete {label} file"
         )
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if bad:
         raise UserError(
-            f"{label} weights in {source} have other shapes than its config ({_keys_preview(bad, 2)}); "
+            f"{label} weights in {source} have other shapes than its config ({keys_preview(bad, 2)}); "
             f"fix or remove the config in its metadata"
         )
     model.load_state_dict(sd, strict=True)
@@ -213,9 +118,9 @@ def _load_strict(model: Any, sd: Mapping[str, torch.Tensor], label: str, source:
 
 def _check_clip_width(cfg: Mapping[str, Any], which: str, source: str) -> None:
     other = "g" if which == "l" else "l"
-    if cfg["hidden_size"] == _CLIP_REAL_WIDTH[other]:
+    if cfg["hidden_size"] == CLIP_REAL_WIDTH[other]:
         raise UserError(
-            f"{source} looks like {_CLIP_LABEL[other]} ({cfg['hidden_size']} wide), not {_CLIP_LABEL[which]}; "
+            f"{source} looks like {CLIP_LABEL[other]} ({cfg['hidden_size']} wide), not {CLIP_LABEL[which]}; "
             f"did you swap --clip_l and --clip_g?"
         )
 
@@ -231,21 +136,21 @@ def clip_from_state_dict(
     """Build a ``CLIPTextModelWithProjection`` (CLIP-L: ``which="l"``, CLIP-G: ``"g"``)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    if which not in _CLIP_LABEL:
+    if which not in CLIP_LABEL:
         raise ValueError(f"which must be 'l' or 'g', got {which!r}")
     _check_compute_dtype(dtype)
-    label = _CLIP_LABEL[which]
-    sd = _clean_state_dict(sd, dtype)
+    label = CLIP_LABEL[which]
+    sd = clean_state_dict(sd, dtype)
     _require_signature(sd, CLIP_SIGNATURE, label, source)
     if config_json is None:
-        cfg = infer_clip_config(sd, which)
+        cfg = infer_or_fail(infer_clip_config, sd, label, source, which)
         _check_clip_width(cfg, which, source)
     else:
-        cfg = _parse_config_json(config_json, CLIPTextConfig, label, source)
+        cfg = parse_config_json(config_json, CLIPTextConfig, label, source)
     if which == "l":
         hidden = int(sd[CLIP_SIGNATURE].shape[1])
         if "text_projection.weight" in sd:
-            logger.info("CLIP-L in %s: stored text_projection ignored (SD3 uses the un-projected pooled output)", source)
+            logger.info("CLIP-L in %s: stored text_projection ignored (SD3 pools un-projected)", source)
         sd["text_projection.weight"] = torch.eye(hidden, dtype=dtype)
         cfg["projection_dim"] = hidden
     model = _instantiate(CLIPTextModelWithProjection, CLIPTextConfig(**cfg), dtype)
@@ -265,17 +170,18 @@ def t5_from_state_dict(
     _check_compute_dtype(dtype)
     if dtype == torch.float16:
         logger.warning("T5 in float16 can overflow; bfloat16 or float32 is safer")
-    sd = _clean_state_dict(sd, dtype)
+    sd = clean_state_dict(sd, dtype)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     _require_signature(sd, T5_SIGNATURE, "T5-XXL", source)
     _require_signature(sd, "shared.weight", "T5-XXL", source)
     sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
     if config_json is None:
-        cfg = infer_t5_config(sd)
+        cfg = infer_or_fail(infer_t5_config, sd, "T5-XXL", source)
     else:
-        cfg = _parse_config_json(config_json, T5Config, "T5-XXL", source)
+        cfg = parse_config_json(config_json, T5Config, "T5-XXL", source)
     model = _instantiate(T5EncoderModel, T5Config(**cfg), dtype)
+    model.set_input_embeddings(model.shared)  # one table for shared and encoder.embed_tokens
     return _load_strict(model, sd, "T5-XXL", source)
 
 
@@ -290,49 +196,47 @@ class _EncoderSpec:
     not_saved: tuple[str, ...]
 
 
+def _build_clip_l(sd: Mapping[str, torch.Tensor], cfg: str | None, **kw: Any) -> Any:
+    return clip_from_state_dict(sd, cfg, "l", **kw)
+
+
+def _build_clip_g(sd: Mapping[str, torch.Tensor], cfg: str | None, **kw: Any) -> Any:
+    return clip_from_state_dict(sd, cfg, "g", **kw)
+
+
 _SPECS = MappingProxyType(
     {
         "clip_l": _EncoderSpec(
-            "CLIP-L", "--clip_l", "text_encoders.clip_l.transformer.", "sd3_trainer.clip_l_config",
-            CLIP_SIGNATURE, lambda sd, cfg, **kw: clip_from_state_dict(sd, cfg, "l", **kw), ("text_projection.weight",),
+            label="CLIP-L",
+            flag="--clip_l",
+            prefix="text_encoders.clip_l.transformer.",
+            metadata_key="sd3_trainer.clip_l_config",
+            signature=CLIP_SIGNATURE,
+            build=_build_clip_l,
+            not_saved=("text_projection.weight",),  # always the identity (see the module docstring)
         ),
         "clip_g": _EncoderSpec(
-            "CLIP-G", "--clip_g", "text_encoders.clip_g.transformer.", "sd3_trainer.clip_g_config",
-            CLIP_SIGNATURE, lambda sd, cfg, **kw: clip_from_state_dict(sd, cfg, "g", **kw), (),
+            label="CLIP-G",
+            flag="--clip_g",
+            prefix="text_encoders.clip_g.transformer.",
+            metadata_key="sd3_trainer.clip_g_config",
+            signature=CLIP_SIGNATURE,
+            build=_build_clip_g,
+            not_saved=(),
         ),
         "t5xxl": _EncoderSpec(
-            "T5-XXL", "--t5xxl", "text_encoders.t5xxl.transformer.", "sd3_trainer.t5xxl_config",
-            T5_SIGNATURE, t5_from_state_dict, ("encoder.embed_tokens.weight",),
+            label="T5-XXL",
+            flag="--t5xxl",
+            prefix="text_encoders.t5xxl.transformer.",
+            metadata_key="sd3_trainer.t5xxl_config",
+            signature=T5_SIGNATURE,
+            build=t5_from_state_dict,
+            not_saved=("encoder.embed_tokens.weight",),  # tied to shared.weight
         ),
     }
-)  # fmt: skip
+)
 METADATA_KEYS = MappingProxyType({name: spec.metadata_key for name, spec in _SPECS.items()})
 CHECKPOINT_PREFIXES = MappingProxyType({name: spec.prefix for name, spec in _SPECS.items()})
-
-_FOREIGN_SIGNS = (
-    ("conditioner.embedders.", "an SDXL checkpoint"),
-    ("cond_stage_model.", "an SD1/SD2 checkpoint"),
-    ("model.diffusion_model.double_blocks.", "a FLUX checkpoint"),
-    ("double_blocks.", "a FLUX model"),
-    ("model.diffusion_model.input_blocks.", "an SD1/SD2/SDXL checkpoint"),
-    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint without these text encoder weights"),
-    ("joint_blocks.", "an SD3 MMDiT file"),
-    ("lora_", "a LoRA"),
-    ("lycoris_", "a LyCORIS network"),
-    ("transformer.resblocks.", "an open_clip-format CLIP (convert it to Hugging Face key names)"),
-    ("encoder.block.", "a T5 text encoder"),
-    ("text_model.", "a CLIP text encoder"),
-    ("encoder.down.", "a VAE"),
-    ("first_stage_model.", "a VAE"),
-)
-
-
-def describe_foreign_file(keys: list[str]) -> str | None:
-    """What a file whose keys are ``keys`` looks like (``None`` if unknown)."""
-    for sign, what in _FOREIGN_SIGNS:
-        if any(k.startswith(sign) or f".{sign}" in k for k in keys):
-            return what
-    return None
 
 
 def _separate_source(spec: _EncoderSpec, path: str | Path) -> tuple[Path, str]:
@@ -341,15 +245,18 @@ def _separate_source(spec: _EncoderSpec, path: str | Path) -> tuple[Path, str]:
     for prefix in (spec.prefix, "transformer.", ""):
         if prefix + spec.signature in shapes:
             return path, prefix
-    what = describe_foreign_file(sorted(shapes)) or f"unknown (first keys: {_keys_preview(sorted(shapes))})"
-    raise UserError(f"{spec.flag} file {path} is not a {spec.label} text encoder (it looks like {what}); pass a {spec.label} file")
+    what = describe_foreign_file(sorted(shapes)) or f"unknown (first keys: {keys_preview(sorted(shapes))})"
+    raise UserError(
+        f"{spec.flag} file {path} is not a {spec.label} text encoder (it looks like {what}); pass a {spec.label} file"
+    )
 
 
 def _checkpoint_source(spec: _EncoderSpec, ckpt: Path, keys: list[str]) -> tuple[Path, str] | None:
     if any(k.startswith(spec.prefix) for k in keys):
         return ckpt, spec.prefix
     what = describe_foreign_file(keys)
-    if what is not None and not what.startswith("an SD3"):
+    is_sd3 = any(k.startswith(("text_encoders.", "model.diffusion_model.joint_blocks.")) for k in keys)
+    if what is not None and not is_sd3:
         raise UserError(f"checkpoint {ckpt} is {what}, not an SD3 checkpoint; pass an SD3/SD3.5 .safetensors file")
     logger.warning("no %s in %s and no %s file given: %s contributes zeros", spec.label, ckpt, spec.flag, spec.label)
     return None
@@ -359,7 +266,8 @@ def _load_encoder(spec: _EncoderSpec, path: Path, prefix: str, dtype: torch.dtyp
     sd = load_safetensors(path, mmap=mmap, prefix=prefix or None, what=f"{spec.label} file")
     config_json = read_metadata(path).get(spec.metadata_key)
     model = spec.build(sd, config_json, dtype=dtype, source=str(path))
-    logger.info("%s loaded from %s (%s, %s)", spec.label, path, "metadata config" if config_json else "inferred config", dtype)
+    how = "metadata config" if config_json else "inferred config"
+    logger.info("%s loaded from %s (%s, %s)", spec.label, path, how, dtype)
     return model
 
 

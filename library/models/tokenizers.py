@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 CLIP_MAX_LENGTH = 77
 DEFAULT_T5_MAX_LENGTH = 256
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
+_PROBE = "a photo of a cat"
+_CLIP_PROBE_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # the real CLIP BPE, as in every SD3 folder
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,15 @@ class Tokenizers:
     t5: Any
 
 
+def _is_clip_bpe(tok: Any) -> bool:
+    return tok(_PROBE).input_ids == _CLIP_PROBE_IDS
+
+
+def _is_t5_sentencepiece(tok: Any) -> bool:
+    ids = tok(_PROBE).input_ids
+    return tok.unk_token_id not in ids and ids[-1] == 1 and tok.pad_token_id == 0
+
+
 @dataclass(frozen=True)
 class _TokenizerSpec:
     label: str
@@ -47,15 +58,18 @@ class _TokenizerSpec:
     class_name: str
     pad_token: str | None
     pad_id: int | None
+    is_real: Callable[[Any], bool]  # transformers 5 builds silent dummies from missing files
 
 
 _SPECS = MappingProxyType(
     {
-        "clip_l": _TokenizerSpec("CLIP-L", "tokenizer", "openai/clip-vit-large-patch14", "CLIPTokenizer", "<|endoftext|>", None),
-        "clip_g": _TokenizerSpec(
-            "CLIP-G", "tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "CLIPTokenizer", "!", 0
+        "clip_l": _TokenizerSpec(
+            "CLIP-L", "tokenizer", "openai/clip-vit-large-patch14", "CLIPTokenizer", "<|endoftext|>", None, _is_clip_bpe
         ),
-        "t5": _TokenizerSpec("T5", "tokenizer_3", "google/t5-v1_1-xxl", "T5Tokenizer", None, 0),
+        "clip_g": _TokenizerSpec(
+            "CLIP-G", "tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "CLIPTokenizer", "!", 0, _is_clip_bpe
+        ),
+        "t5": _TokenizerSpec("T5", "tokenizer_3", "google/t5-v1_1-xxl", "T5Tokenizer", None, 0, _is_t5_sentencepiece),
     }
 )
 
@@ -72,20 +86,28 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 def _load_local(spec: _TokenizerSpec, folder: Path) -> Any:
     try:
-        return _tokenizer_class(spec.class_name).from_pretrained(str(folder), local_files_only=True)
+        tok = _tokenizer_class(spec.class_name).from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types for broken folders
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(
-            f"{spec.label} tokenizer in {folder} could not be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); replace it with a save_pretrained copy"
+            f"{spec.label} tokenizer in {folder} could not be loaded ({type(exc).__name__}: {first_line}); "
+            f"replace it with a save_pretrained copy"
         ) from None
+    if not spec.is_real(tok):
+        raise UserError(
+            f"{spec.label} tokenizer in {folder} is not a working {spec.label} tokenizer "
+            f"({_PROBE!r} -> {tok(_PROBE).input_ids[:8]}); replace it with a save_pretrained copy"
+        )
+    return tok
 
 
 def _load_hub(spec: _TokenizerSpec, allow_download: bool) -> Any | None:
     try:
-        return _tokenizer_class(spec.class_name).from_pretrained(spec.hub_id, local_files_only=not allow_download)
+        tok = _tokenizer_class(spec.class_name).from_pretrained(spec.hub_id, local_files_only=not allow_download)
     except Exception as exc:  # offline, not cached, or no network
         logger.debug("%s tokenizer %s not available from the hub: %s", spec.label, spec.hub_id, exc)
         return None
+    return tok if spec.is_real(tok) else None  # nothing cached -> transformers 5 returns a dummy
 
 
 def _miss_message(spec: _TokenizerSpec, places: list[Path], cache_dir: Path | None, allow_download: bool) -> str:
