@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from library.flow.samplers import VelocityFn, sample
 from library.flow.schedules import make_sigmas
+from library.models.prompt_encoding import Conditioning
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
 
 
-@dataclass(frozen=True)
-class Conditioning:
-    """Encoded prompts: context (B, L, C), pooled (B, P) and an optional (B, L) keep-mask."""
-
+class _Embeds(NamedTuple):
     context: torch.Tensor
     pooled: torch.Tensor
-    mask: torch.Tensor | None = None
+    mask: torch.Tensor | None
+
+
+def _embeds(cond: Conditioning, use_mask: bool) -> _Embeds:
+    return _Embeds(cond.context, cond.pooled, cond.context_mask if use_mask else None)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class SamplingParams:
     slg_scale: float = 0.0
     slg_start: float = 0.01
     slg_stop: float = 0.2
+    # Mask padded text tokens inside the MMDiT's attention (off, as every reference runs unmasked).
+    mmdit_attn_mask: bool = False
 
 
 def initial_noise(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -78,22 +82,24 @@ def guided_velocity(
     """
     use_cfg = uncond is not None and params.cfg_scale != 1.0
     dtype = compute_dtype or next(model.parameters()).dtype
+    c = _embeds(cond, params.mmdit_attn_mask)
     if use_cfg:
-        both = Conditioning(torch.cat([uncond.context, cond.context]), torch.cat([uncond.pooled, cond.pooled]),
-                            None if cond.mask is None else torch.cat([uncond.mask, cond.mask]))
+        u = _embeds(uncond, params.mmdit_attn_mask)
+        both = _Embeds(torch.cat([u.context, c.context]), torch.cat([u.pooled, c.pooled]),
+                       None if c.mask is None else torch.cat([u.mask, c.mask]))
 
-    def run(x: torch.Tensor, sigma: torch.Tensor, c: Conditioning, skip: Sequence[int] | None = None) -> torch.Tensor:
+    def run(x: torch.Tensor, sigma: torch.Tensor, e: _Embeds, skip: Sequence[int] | None = None) -> torch.Tensor:
         t = (sigma * 1000).float().expand(x.shape[0])
         with _autocast(x.device, dtype):
-            return model(x, t, c.context, c.pooled, skip_layers=skip, context_mask=c.mask).float()
+            return model(x, t, e.context, e.pooled, skip_layers=skip, context_mask=e.mask).float()
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         if not use_cfg:
-            return run(x, sigma, cond)
+            return run(x, sigma, c)
         v_u, v_c = run(torch.cat([x, x]), sigma, both).chunk(2)
         v = v_u + params.cfg_scale * (v_c - v_u)
         if params.slg_layers and params.slg_scale and slg_active(step, params.steps, params.slg_start, params.slg_stop):
-            v = v + (v_c - run(x, sigma, cond, params.slg_layers)) * params.slg_scale
+            v = v + (v_c - run(x, sigma, c, params.slg_layers)) * params.slg_scale
         return v
 
     return velocity

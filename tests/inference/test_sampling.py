@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.inference.sampling import Conditioning, SamplingParams, initial_noise, sample_latents, slg_active
+from library.inference.sampling import SamplingParams, initial_noise, sample_latents, slg_active
 from library.models.loading import load_mmdit
 from library.models.mmdit_config import MMDIT_PREFIX, to_diffusers_config
+from library.models.prompt_encoding import Conditioning
 from library.models.tiny.mmdit import tiny_mmdit_config, tiny_mmdit_state_dict
 
 
