@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = cli.inference_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU 4-bit kernel notice is not for us
     try:
         if ns.demo:
             _demo_sources(ns)

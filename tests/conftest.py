@@ -1,10 +1,12 @@
 """Test-wide settings: offline hub, deterministic CPU threads."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import pytest  # noqa: E402
 
