@@ -34,7 +34,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without affine parameters over the last dim (eps 1e-6)."""
+    """LayerNorm without affine parameters over the last dim (eps 1e-6).
+
+    Under autocast the result stays in the autocast dtype (statistics are still accumulated in
+    float32 by the kernel) instead of autocast's float32 output: the modulation and the next
+    matmul then read half the bytes.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(torch.get_autocast_dtype(device)), (x.shape[-1],), eps=LN_EPS)
     return F.layer_norm(x, (x.shape[-1],), eps=LN_EPS)
 
 
