@@ -116,3 +116,30 @@ def test_bad_input_is_one_line(extra, needle, tiny_models, tmp_path, capsys):
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_separate_files_bf16_and_interactive(tiny_models, tmp_path, capsys, monkeypatch):
+    files = tiny_models("sd35-large")
+    vae_only = tmp_path / "vae.safetensors"
+    from library.models.safetensors_io import read_metadata, save_safetensors
+    from library.models.vae import vae_ldm_tensors
+
+    vae_meta = {k: v for k, v in read_metadata(files.checkpoint).items() if "vae" in k}
+    save_safetensors({k[len("first_stage_model."):]: v for k, v in vae_ldm_tensors(files.checkpoint).items()}, vae_only, vae_meta)
+    answers = iter(["a lighthouse --w 64 --h 64 --d 2", "a lighthouse --w 64 --h 64 --d 2 --q", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    argv = ["--ckpt_path", files.checkpoint, "--clip_l", files.clip_l, "--clip_g", files.clip_g, "--t5xxl", files.t5xxl,
+            "--vae", vae_only, "--tokenizer_cache_dir", files.tokenizer_dir, "--steps", 2, "--bf16", "--interactive",
+            "--output_dir", tmp_path / "out", "--offload", "--disable_mmap_load_safetensors"]
+    code, stdout, _ = _run(argv, capsys)
+    assert code == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    assert "error: prompt: unknown inline option --q" in stdout  # a bad line is reported, the session goes on
+
+
+def test_fp16_on_cpu_is_refused(tiny_models, tmp_path, capsys):
+    files = tiny_models("sd3-medium")
+    argv = ["--ckpt_path", files.checkpoint, "--tokenizer_cache_dir", files.tokenizer_dir, "--fp16", "--device", "cpu",
+            "--output_dir", tmp_path]
+    code, _, stderr = _run(argv, capsys)
+    assert code == 2 and "fp16 needs a GPU" in stderr
