@@ -30,11 +30,14 @@ Huber threshold schedules (``--huber_schedule``; t = 1000·σ is the timestep), 
 Reduction: per-element loss → optional mask (resized to the latent grid, normalised by its mean per
 sample) → mean over C, H, W → × loss weighting w(σ) → × per-sample weight (prior_loss_weight) →
 mean over the batch.
+
+The objective, loss type, weighting and Huber settings are one validated :class:`LossSpec`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -105,13 +108,18 @@ HUBER_SCHEDULES: Mapping[str, HuberSchedule] = MappingProxyType(
 )
 
 
+def check_huber_params(huber_c: float, huber_scale: float) -> None:
+    """Raise ValueError unless huber_c > 0 and huber_scale > 0."""
+    if not huber_c > 0 or not huber_scale > 0:
+        raise ValueError(f"huber_c and huber_scale must be > 0, got huber_c={huber_c}, huber_scale={huber_scale}")
+
+
 def huber_threshold(
     sigmas: torch.Tensor, schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0
 ) -> torch.Tensor:
     """Per-sample Huber threshold c(σ), float32 (B,)."""
     check_choice("huber_schedule", schedule, HUBER_SCHEDULES)
-    if not huber_c > 0 or not huber_scale > 0:
-        raise ValueError(f"huber_c and huber_scale must be > 0, got huber_c={huber_c}, huber_scale={huber_scale}")
+    check_huber_params(huber_c, huber_scale)
     with float32_region(sigmas.device):
         return HUBER_SCHEDULES[schedule](sigmas.float(), float(huber_c), float(huber_scale))
 
@@ -216,34 +224,56 @@ def _sample_weights(sample_weights: torch.Tensor | Sequence[float], per_sample: 
     return weights
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss configuration of :func:`flow_matching_loss` (module docstring: objective, loss type,
+    loss weighting w(σ), Huber threshold schedule).
+
+    Validated on construction (ValueError: an unknown name, or huber_c/huber_scale ≤ 0 for a loss type
+    that uses the threshold)."""
+
+    objective: str = "sd3"
+    loss_type: str = "l2"
+    weighting: str = "none"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    huber_schedule: str = "snr"
+
+    def __post_init__(self) -> None:
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("loss_weighting", self.weighting, LOSS_WEIGHTINGS)
+        check_choice("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
+        if self.loss_type in THRESHOLD_LOSS_TYPES:
+            check_huber_params(self.huber_c, self.huber_scale)
+
+
 def flow_matching_loss_per_sample(
     model_pred: torch.Tensor,
     x0: torch.Tensor,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    objective: str = "sd3",
-    loss_type: str = "l2",
-    weighting: str = "none",
-    huber_c: float = 0.1,
-    huber_scale: float = 1.0,
-    huber_schedule: str = "snr",
     mask: torch.Tensor | None = None,
     sample_weights: torch.Tensor | Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Per-sample losses (B,) float32: mean over C, H, W of the (masked) loss × w(σ) × sample weight."""
-    check_choice("objective", objective, OBJECTIVES)
-    check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
     _check_shapes(model_pred, x0, noise, sigmas)
     with float32_region(model_pred.device):
         sigmas = sigmas.to(model_pred.device).float()
-        residual = OBJECTIVES[objective](model_pred, x0, noise, sigmas)
+        residual = OBJECTIVES[spec.objective](model_pred, x0, noise, sigmas)
         loss = elementwise_loss(
-            residual, loss_type, sigmas, huber_c=huber_c, huber_scale=huber_scale, huber_schedule=huber_schedule
+            residual,
+            spec.loss_type,
+            sigmas,
+            huber_c=spec.huber_c,
+            huber_scale=spec.huber_scale,
+            huber_schedule=spec.huber_schedule,
         )
         if mask is not None:
             loss = apply_mask(loss, mask)
-        per_sample = per_sample_mean(loss) * loss_weighting(weighting, sigmas)
+        per_sample = per_sample_mean(loss) * loss_weighting(spec.weighting, sigmas)
         if sample_weights is not None:
             per_sample = per_sample * _sample_weights(sample_weights, per_sample)
     return per_sample
@@ -254,28 +284,13 @@ def flow_matching_loss(
     x0: torch.Tensor,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    objective: str = "sd3",
-    loss_type: str = "l2",
-    weighting: str = "none",
-    huber_c: float = 0.1,
-    huber_scale: float = 1.0,
-    huber_schedule: str = "snr",
     mask: torch.Tensor | None = None,
     sample_weights: torch.Tensor | Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The training loss: batch mean of :func:`flow_matching_loss_per_sample`, a float32 scalar."""
-    return flow_matching_loss_per_sample(
-        model_pred,
-        x0,
-        noise,
-        sigmas,
-        objective=objective,
-        loss_type=loss_type,
-        weighting=weighting,
-        huber_c=huber_c,
-        huber_scale=huber_scale,
-        huber_schedule=huber_schedule,
-        mask=mask,
-        sample_weights=sample_weights,
-    ).mean()
+    per_sample = flow_matching_loss_per_sample(
+        model_pred, x0, noise, sigmas, spec, mask=mask, sample_weights=sample_weights
+    )
+    return per_sample.mean()

@@ -15,6 +15,9 @@
 σ stays a continuous float32 (sd-scripts floors it to 1/1000 steps and carries it in bf16); the model
 sees σ·1000 (:func:`sigma_to_timesteps`). The analytic CDFs (float64) of every density after shift and
 bounds are here too: F_σ(x) = F_u(shift⁻¹((x − lo)/(hi − lo))), shift⁻¹(σ) = σ / (s − (s − 1)·σ).
+
+All of the above (density name and parameters, shift, bounds) is one validated :class:`TimestepSpec`,
+passed to both :func:`sample_sigmas` and :func:`sigma_cdf`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ MODE_SCALE_MIN = -1.0
 
 @dataclass(frozen=True)
 class DensityParams:
-    """Parameters of the u densities (each density reads the ones it needs)."""
+    """Parameters of the u densities (each density reads the ones it needs); :attr:`TimestepSpec.density`."""
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -139,57 +142,67 @@ def unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1) * sigma)
 
 
+@dataclass(frozen=True)
+class TimestepSpec:
+    """The σ distribution of :func:`sample_sigmas` / :func:`sigma_cdf`: density, shift and bounds.
+
+    Validated on construction (ValueError: unknown density, shift ≤ 0, a density parameter out of
+    range, or bounds outside 0 ≤ min_timestep ≤ max_timestep ≤ 1000)."""
+
+    sampling: str = "uniform"
+    shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    min_timestep: float | None = None
+    max_timestep: float | None = None
+
+    def __post_init__(self) -> None:
+        check_density(self.sampling, self.shift, self.density)
+        timestep_bounds(self.min_timestep, self.max_timestep)
+
+    @property
+    def density(self) -> DensityParams:
+        """The u density's parameters."""
+        return DensityParams(logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lo, hi) on the σ scale (:func:`timestep_bounds`)."""
+        return timestep_bounds(self.min_timestep, self.max_timestep)
+
+
 def sample_sigmas(
     batch: int,
+    spec: TimestepSpec = TimestepSpec(),
     *,
-    sampling: str = "uniform",
-    shift: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    min_timestep: float | None = None,
-    max_timestep: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Per-sample training σ, float32 (B,) on ``device`` (module docstring: density, shift, bounds).
 
     Random numbers are drawn on the generator's device (``device`` without one), then moved."""
-    params = DensityParams(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
-    check_density(sampling, shift, params)
-    lo, hi = timestep_bounds(min_timestep, max_timestep)
+    lo, hi = spec.bounds
     device = torch.device(device)
     draw_device = generator.device if generator is not None else device
     with float32_region(draw_device):
-        u = TIMESTEP_SAMPLINGS[sampling](batch, params, generator, draw_device).float()
-        sigma = shift_sigma(u, float(shift))  # exact identity for shift = 1
+        u = TIMESTEP_SAMPLINGS[spec.sampling](batch, spec.density, generator, draw_device).float()
+        sigma = shift_sigma(u, float(spec.shift))  # exact identity for shift = 1
         if (lo, hi) != (0.0, 1.0):
             sigma = (lo + (hi - lo) * sigma).clamp(lo, hi)
     return sigma.to(device=device, dtype=torch.float32)
 
 
-def sigma_cdf(
-    x: torch.Tensor,
-    *,
-    sampling: str = "uniform",
-    shift: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    min_timestep: float | None = None,
-    max_timestep: float | None = None,
-) -> torch.Tensor:
-    """Analytic CDF P(σ ≤ x) of :func:`sample_sigmas` with the same arguments, float64.
+def sigma_cdf(x: torch.Tensor, spec: TimestepSpec = TimestepSpec()) -> torch.Tensor:
+    """Analytic CDF P(σ ≤ x) of :func:`sample_sigmas` with the same ``spec``, float64.
 
     F(x) = F_u(shift⁻¹((x − lo)/(hi − lo))); a degenerate interval lo = hi is a step at lo."""
-    params = DensityParams(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
-    check_density(sampling, shift, params)
-    lo, hi = timestep_bounds(min_timestep, max_timestep)
+    lo, hi = spec.bounds
     x = torch.as_tensor(x, dtype=torch.float64)
     if hi == lo:
         return (x >= lo).to(torch.float64)
     unit = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-    return U_CDFS[sampling](unshift_sigma(unit, float(shift)), params).to(torch.float64)
+    return U_CDFS[spec.sampling](unshift_sigma(unit, float(spec.shift)), spec.density).to(torch.float64)
 
 
 def sigma_to_timesteps(sigmas: torch.Tensor) -> torch.Tensor:

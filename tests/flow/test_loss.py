@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from library.flow.loss import (
     HUBER_SCHEDULES,
     LOSS_TYPES,
+    LossSpec,
     apply_mask,
     denoised_estimate,
     elementwise_loss,
@@ -51,8 +53,8 @@ def test_sd3_residual_is_denoised_minus_clean() -> None:
 def test_sd3_l2_equals_sigma_squared_raw_per_sample() -> None:
     pred, x0, noise = _batch(1)
     sigmas = torch.tensor([1e-3, 0.2, 0.7, 1.0])
-    sd3 = flow_matching_loss_per_sample(pred, x0, noise, sigmas, objective="sd3")
-    raw = flow_matching_loss_per_sample(pred, x0, noise, sigmas, objective="raw")
+    sd3 = flow_matching_loss_per_sample(pred, x0, noise, sigmas, LossSpec(objective="sd3"))
+    raw = flow_matching_loss_per_sample(pred, x0, noise, sigmas, LossSpec(objective="raw"))
     torch.testing.assert_close(sd3, sigmas**2 * raw, rtol=1e-6, atol=1e-6)
 
 
@@ -65,7 +67,7 @@ def test_default_loss_matches_the_sd_scripts_recipe() -> None:
     x_hat0 = (1 - s) * x0 + s * noise - s * pred
     cos_w = 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     expected = (((x_hat0 - x0) ** 2).mean(dim=(1, 2, 3)) * cos_w * weights).mean()
-    got = flow_matching_loss(pred, x0, noise, sigmas, weighting="cosmap", sample_weights=weights)
+    got = flow_matching_loss(pred, x0, noise, sigmas, LossSpec(weighting="cosmap"), sample_weights=weights)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -75,7 +77,8 @@ def test_gradients_finite_at_sigma_zero_with_sigma_sqrt(objective: str, loss_typ
     pred, x0, noise = _batch(3, (3, 4, 8, 8))
     pred.requires_grad_(True)
     sigmas = torch.tensor([0.0, 1e-8, 0.5], requires_grad=True)
-    loss = flow_matching_loss(pred, x0, noise, sigmas, objective=objective, loss_type=loss_type, weighting="sigma_sqrt")
+    spec = LossSpec(objective=objective, loss_type=loss_type, weighting="sigma_sqrt")
+    loss = flow_matching_loss(pred, x0, noise, sigmas, spec)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(pred.grad).all() and torch.isfinite(sigmas.grad).all()
@@ -92,9 +95,8 @@ def test_huber_schedules_finite_over_sigma(schedule: str, loss_type: str, object
     sigmas = torch.tensor([0.0, 1e-6, 0.5, 1.0])
     c = huber_threshold(sigmas, schedule, huber_c=0.1, huber_scale=1.0)
     assert torch.isfinite(c).all() and torch.all(c > 0)
-    per_sample = flow_matching_loss_per_sample(
-        pred, x0, noise, sigmas, objective=objective, loss_type=loss_type, huber_schedule=schedule
-    )
+    spec = LossSpec(objective=objective, loss_type=loss_type, huber_schedule=schedule)
+    per_sample = flow_matching_loss_per_sample(pred, x0, noise, sigmas, spec)
     assert torch.isfinite(per_sample).all() and torch.all(per_sample >= 0)
     per_sample.sum().backward()
     assert torch.isfinite(pred.grad).all()
@@ -139,7 +141,8 @@ def test_huber_with_large_threshold_equals_l2_loss() -> None:
     pred, x0, noise = _batch(5)
     sigmas = torch.tensor([0.1, 0.4, 0.6, 0.9])
     l2 = flow_matching_loss(pred, x0, noise, sigmas)
-    big = flow_matching_loss(pred, x0, noise, sigmas, loss_type="huber", huber_schedule="constant", huber_c=1e4)
+    huge_c = LossSpec(loss_type="huber", huber_schedule="constant", huber_c=1e4)
+    big = flow_matching_loss(pred, x0, noise, sigmas, huge_c)
     torch.testing.assert_close(big, l2, rtol=1e-5, atol=0)
 
 
@@ -165,8 +168,8 @@ def test_half_mask_is_not_down_weighted() -> None:
     pred = velocity_target(x0, noise) + 0.5  # uniform error everywhere
     mask = torch.zeros(4, 1, 64, 64)
     mask[..., :32] = 1.0  # left half of the image (pixel grid, 8× the latent grid)
-    plain = flow_matching_loss_per_sample(pred, x0, noise, sigmas, objective="raw")
-    masked = flow_matching_loss_per_sample(pred, x0, noise, sigmas, objective="raw", mask=mask)
+    plain = flow_matching_loss_per_sample(pred, x0, noise, sigmas, LossSpec(objective="raw"))
+    masked = flow_matching_loss_per_sample(pred, x0, noise, sigmas, LossSpec(objective="raw"), mask=mask)
     torch.testing.assert_close(masked, plain, rtol=1e-6, atol=0)
     torch.testing.assert_close(plain, torch.full((4,), 0.25))
 
@@ -213,7 +216,7 @@ def test_sample_weights_and_loss_weighting_scale_per_sample() -> None:
     scalar = flow_matching_loss_per_sample(pred, x0, noise, sigmas, sample_weights=[0.5])
     torch.testing.assert_close(scalar, base * 0.5)
     for name in ("sigma_sqrt", "cosmap"):
-        got = flow_matching_loss_per_sample(pred, x0, noise, sigmas, weighting=name)
+        got = flow_matching_loss_per_sample(pred, x0, noise, sigmas, LossSpec(weighting=name))
         torch.testing.assert_close(got, base * loss_weighting(name, sigmas))
     total = flow_matching_loss(pred, x0, noise, sigmas, sample_weights=weights)
     torch.testing.assert_close(total, (base * weights).mean())
@@ -224,16 +227,16 @@ def test_sample_weights_and_loss_weighting_scale_per_sample() -> None:
 def test_float32_under_bf16_autocast() -> None:
     pred, x0, noise = _batch(12)
     sigmas = torch.tensor([0.1, 0.3, 0.5, 0.7])
-    opts = {"loss_type": "huber", "weighting": "cosmap"}
-    expected = flow_matching_loss(pred, x0, noise, sigmas, **opts)
+    spec = LossSpec(loss_type="huber", weighting="cosmap")
+    expected = flow_matching_loss(pred, x0, noise, sigmas, spec)
     pred_bf16 = pred.bfloat16().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = flow_matching_loss(pred_bf16, x0.bfloat16(), noise.bfloat16(), sigmas, **opts)
+        loss = flow_matching_loss(pred_bf16, x0.bfloat16(), noise.bfloat16(), sigmas, spec)
     loss.backward()
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert pred_bf16.grad.dtype == torch.bfloat16
     expected_bf16_inputs = flow_matching_loss(
-        pred.bfloat16().float(), x0.bfloat16().float(), noise.bfloat16().float(), sigmas, **opts
+        pred.bfloat16().float(), x0.bfloat16().float(), noise.bfloat16().float(), sigmas, spec
     )
     torch.testing.assert_close(loss, expected_bf16_inputs, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
@@ -251,13 +254,27 @@ def test_raw_residual_is_velocity_error() -> None:
         ({"loss_type": "l3"}, "loss_type"),
         ({"loss_type": "huber", "huber_schedule": "linear"}, "huber_schedule"),
         ({"loss_type": "huber", "huber_c": 0.0}, "huber_c"),
+        ({"loss_type": "smooth_l1", "huber_scale": -1.0}, "huber_scale"),
         ({"weighting": "logit_normal"}, "loss_weighting"),
+        ({"loss_type": "l2", "huber_schedule": "linear"}, "huber_schedule"),
     ],
 )
-def test_invalid_arguments_raise(kwargs: dict, match: str) -> None:
-    pred, x0, noise = _batch(14)
+def test_invalid_spec_raises_at_construction(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        flow_matching_loss(pred, x0, noise, torch.rand(4), **kwargs)
+        LossSpec(**kwargs)
+
+
+def test_spec_defaults_and_immutability() -> None:
+    pred, x0, noise = _batch(14)
+    sigmas = torch.rand(4, generator=torch.Generator().manual_seed(14))
+    spec = LossSpec()
+    assert (spec.objective, spec.loss_type, spec.weighting) == ("sd3", "l2", "none")
+    assert (spec.huber_c, spec.huber_scale, spec.huber_schedule) == (0.1, 1.0, "snr")
+    assert LossSpec(huber_c=0.0).huber_c == 0.0  # the threshold is only checked for a loss type that uses it
+    default = flow_matching_loss(pred, x0, noise, sigmas)
+    torch.testing.assert_close(default, flow_matching_loss(pred, x0, noise, sigmas, spec), rtol=0, atol=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.loss_type = "l1"  # type: ignore[misc]
 
 
 def test_shape_mismatch_raises() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from library.flow.schedules import shift_sigma
 from library.flow.timesteps import (
     MODE_SCALE_MAX,
     DensityParams,
+    TimestepSpec,
     mode_u_cdf,
     sample_sigmas,
     sigma_cdf,
@@ -36,34 +38,36 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _ks_pvalue(seed: int, **kwargs: object) -> float:
-    samples = sample_sigmas(N_KS, generator=_gen(seed), **kwargs).double().numpy()
-    result = stats.kstest(samples, lambda x: sigma_cdf(torch.from_numpy(np.asarray(x)), **kwargs).numpy())
+def _ks_pvalue(seed: int, spec: TimestepSpec) -> float:
+    samples = sample_sigmas(N_KS, spec, generator=_gen(seed)).double().numpy()
+    result = stats.kstest(samples, lambda x: sigma_cdf(torch.from_numpy(np.asarray(x)), spec).numpy())
     return float(result.pvalue)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 7.0])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_samples_follow_the_analytic_cdf(density: dict, shift: float) -> None:
-    assert _ks_pvalue(1234, shift=shift, **density) > 0.01
+    assert _ks_pvalue(1234, TimestepSpec(shift=shift, **density)) > 0.01
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "spec",
     [
-        {"sampling": "uniform", "min_timestep": 200, "max_timestep": 700},
-        {"sampling": "logit_normal", "shift": 3.0, "min_timestep": 100, "max_timestep": 900},
-        {"sampling": "mode", "mode_scale": 1.29, "shift": 7.0, "min_timestep": 0, "max_timestep": 500},
+        TimestepSpec(sampling="uniform", min_timestep=200, max_timestep=700),
+        TimestepSpec(sampling="logit_normal", shift=3.0, min_timestep=100, max_timestep=900),
+        TimestepSpec(sampling="mode", mode_scale=1.29, shift=7.0, min_timestep=0, max_timestep=500),
     ],
+    ids=["uniform", "logit_normal", "mode"],
 )
-def test_bounded_samples_follow_the_rescaled_cdf(kwargs: dict) -> None:
-    assert _ks_pvalue(99, **kwargs) > 0.01
+def test_bounded_samples_follow_the_rescaled_cdf(spec: TimestepSpec) -> None:
+    assert _ks_pvalue(99, spec) > 0.01
 
 
 def test_ks_test_rejects_a_wrong_shift() -> None:
     """The KS check has teeth: samples at shift 3 do not pass as shift 2.5."""
-    samples = sample_sigmas(N_KS, sampling="logit_normal", shift=3.0, generator=_gen(5)).double().numpy()
-    wrong = stats.kstest(samples, lambda x: sigma_cdf(torch.from_numpy(x), sampling="logit_normal", shift=2.5).numpy())
+    samples = sample_sigmas(N_KS, TimestepSpec("logit_normal", shift=3.0), generator=_gen(5)).double().numpy()
+    wrong_spec = TimestepSpec("logit_normal", shift=2.5)
+    wrong = stats.kstest(samples, lambda x: sigma_cdf(torch.from_numpy(x), wrong_spec).numpy())
     assert wrong.pvalue < 1e-6
 
 
@@ -88,18 +92,19 @@ def test_same_stream_as_diffusers_density(scheme: str, kwargs: dict) -> None:
         mode_scale=kwargs.get("mode_scale"),
         generator=_gen(7),
     )
-    ours = sample_sigmas(4096, sampling=scheme, generator=_gen(7), **kwargs)
+    ours = sample_sigmas(4096, TimestepSpec(sampling=scheme, **kwargs), generator=_gen(7))
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)
-    shifted = sample_sigmas(4096, sampling=scheme, shift=3.0, generator=_gen(7), **kwargs)
+    shifted = sample_sigmas(4096, TimestepSpec(sampling=scheme, shift=3.0, **kwargs), generator=_gen(7))
     torch.testing.assert_close(shifted, shift_sigma(theirs.float(), 3.0), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
 def test_sigmas_are_float32_under_bf16_autocast(sampling: str) -> None:
+    spec = TimestepSpec(sampling=sampling, shift=3.0, min_timestep=10, max_timestep=990)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sigmas = sample_sigmas(1000, sampling=sampling, shift=3.0, min_timestep=10, max_timestep=990, generator=_gen(0))
+        sigmas = sample_sigmas(1000, spec, generator=_gen(0))
         timesteps = sigma_to_timesteps(sigmas)
-    plain = sample_sigmas(1000, sampling=sampling, shift=3.0, min_timestep=10, max_timestep=990, generator=_gen(0))
+    plain = sample_sigmas(1000, spec, generator=_gen(0))
     assert sigmas.dtype == torch.float32 and timesteps.dtype == torch.float32
     torch.testing.assert_close(sigmas, plain, rtol=0, atol=0)
     torch.testing.assert_close(timesteps, plain * 1000, rtol=0, atol=0)
@@ -107,7 +112,8 @@ def test_sigmas_are_float32_under_bf16_autocast(sampling: str) -> None:
 
 @pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
 def test_sigmas_are_continuous(sampling: str) -> None:
-    sigmas = sample_sigmas(N_KS, sampling=sampling, shift=3.0, min_timestep=100, max_timestep=900, generator=_gen(3))
+    spec = TimestepSpec(sampling=sampling, shift=3.0, min_timestep=100, max_timestep=900)
+    sigmas = sample_sigmas(N_KS, spec, generator=_gen(3))
     assert sigmas.unique().numel() > 50_000
     off_grid = (sigmas * 1000 - (sigmas * 1000).round()).abs() > 1e-3
     assert off_grid.float().mean() > 0.9
@@ -117,33 +123,34 @@ def test_sigmas_are_continuous(sampling: str) -> None:
 @pytest.mark.parametrize("bounds", [(None, None), (0, 1000), (250, 750), (1, 999), (0, 300), (600, 1000)])
 def test_bounds_hold(sampling: str, bounds: tuple) -> None:
     lo, hi = timestep_bounds(*bounds)
-    sigmas = sample_sigmas(
-        20_000, sampling=sampling, shift=7.0, min_timestep=bounds[0], max_timestep=bounds[1], generator=_gen(11)
-    )
+    spec = TimestepSpec(sampling=sampling, shift=7.0, min_timestep=bounds[0], max_timestep=bounds[1])
+    assert spec.bounds == (lo, hi)
+    sigmas = sample_sigmas(20_000, spec, generator=_gen(11))
     assert float(sigmas.min()) >= lo and float(sigmas.max()) <= hi
     assert float(sigmas.max()) - float(sigmas.min()) > 0.5 * (hi - lo)
 
 
 def test_equal_bounds_give_a_fixed_sigma() -> None:
-    sigmas = sample_sigmas(64, sampling="logit_normal", min_timestep=500, max_timestep=500, generator=_gen(0))
+    sigmas = sample_sigmas(64, TimestepSpec("logit_normal", min_timestep=500, max_timestep=500), generator=_gen(0))
     assert torch.all(sigmas == 0.5)
-    cdf = sigma_cdf(torch.tensor([0.49, 0.5, 0.51]), min_timestep=500, max_timestep=500)
+    cdf = sigma_cdf(torch.tensor([0.49, 0.5, 0.51]), TimestepSpec(min_timestep=500, max_timestep=500))
     assert cdf.tolist() == [0.0, 1.0, 1.0]
 
 
 def test_generator_draws_on_its_device_then_moves() -> None:
-    on_meta = sample_sigmas(8, sampling="mode", generator=_gen(1), device="meta")
+    mode = TimestepSpec(sampling="mode")
+    on_meta = sample_sigmas(8, mode, generator=_gen(1), device="meta")
     assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32
     torch.manual_seed(1)
-    without = sample_sigmas(8, sampling="mode")
-    torch.testing.assert_close(without, sample_sigmas(8, sampling="mode", generator=_gen(1)))
+    without = sample_sigmas(8, mode)
+    torch.testing.assert_close(without, sample_sigmas(8, mode, generator=_gen(1)))
 
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shift", [1.0, 3.0, 7.0])
 def test_cdf_is_a_cdf(density: dict, shift: float) -> None:
     x = torch.linspace(0, 1, 2001, dtype=torch.float64)
-    cdf = sigma_cdf(x, shift=shift, **density)
+    cdf = sigma_cdf(x, TimestepSpec(shift=shift, **density))
     assert cdf.dtype == torch.float64
     assert float(cdf[0]) == pytest.approx(0.0, abs=1e-12) and float(cdf[-1]) == pytest.approx(1.0, abs=1e-12)
     assert torch.all(cdf[1:] >= cdf[:-1] - 1e-12)
@@ -158,7 +165,8 @@ def test_mode_with_zero_scale_is_uniform_and_shift_inverts() -> None:
 
 def test_shift_moves_mass_toward_noise() -> None:
     medians = [
-        float(sample_sigmas(20_000, sampling="logit_normal", shift=s, generator=_gen(4)).median()) for s in (1, 3, 7)
+        float(sample_sigmas(20_000, TimestepSpec("logit_normal", shift=s), generator=_gen(4)).median())
+        for s in (1, 3, 7)
     ]
     assert medians[0] == pytest.approx(0.5, abs=0.02)
     assert medians[0] < medians[1] < medians[2]
@@ -178,9 +186,19 @@ def test_shift_moves_mass_toward_noise() -> None:
         {"max_timestep": 1001},
     ],
 )
-def test_invalid_arguments_raise(kwargs: dict) -> None:
+def test_invalid_spec_raises_at_construction(kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        sample_sigmas(4, **kwargs)
+        TimestepSpec(**kwargs)
+
+
+def test_spec_defaults_density_and_immutability() -> None:
+    spec = TimestepSpec()
+    assert (spec.sampling, spec.shift, spec.min_timestep, spec.max_timestep) == ("uniform", 1.0, None, None)
+    assert spec.density == DensityParams() and spec.bounds == (0.0, 1.0)
+    assert TimestepSpec("mode", mode_scale=0.5, logit_std=2.0).density == DensityParams(logit_std=2.0, mode_scale=0.5)
+    torch.testing.assert_close(sample_sigmas(16, generator=_gen(2)), sample_sigmas(16, spec, generator=_gen(2)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.shift = 3.0  # type: ignore[misc]
 
 
 def test_mode_scale_limit_is_where_the_map_stops_being_monotone() -> None:
