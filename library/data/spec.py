@@ -49,6 +49,7 @@ class SubsetSpec:
     is_reg: bool = False
     cache_info: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None  # per-subset override of DatasetSpec.resize_interpolation
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     augment: AugmentOptions = field(default_factory=AugmentOptions)
 
@@ -78,6 +79,7 @@ class DatasetSpec:
     validation_split: float = 0.0
     validation_seed: int | None = None
     prior_loss_weight: float = 1.0
+    network_multiplier: float = 1.0  # sd-scripts' per-dataset adapter multiplier
 
 
 @dataclass(frozen=True)
