@@ -46,7 +46,7 @@ def _interactive(models, job, run_job) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library import cli
+    from library.cli import inference as cli
 
     ns = cli.inference_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -28,6 +28,7 @@ from library.data.latent_cache import LatentCacheItem, latent_cache_path, latent
 from library.data.sources import ImageRecord, blueprint_records
 from library.data.spec import DatasetBlueprint, DatasetSpec, SubsetSpec
 from library.data.te_cache import TeCacheItem, read_te_cache, te_cache_path, te_cache_record
+from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,27 @@ class TrainingData:
         self.samples: list[Sample] = []
         self.validation: list[ImageRecord] = []
         self._variants: dict[int, list[str]] = {}
+        self.skipped: list[tuple[str, str]] = []  # (image, reason) of unreadable images
         for group in blueprint_records(blueprint, seed):
             self._add_dataset(blueprint.datasets[group.dataset_index], group.dataset_index, group.train)
             self.validation.extend(group.validation)
 
+    def _readable(self, records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[tuple[int, int]]]:
+        """Records whose size can be read, with their sizes; the others are reported and skipped."""
+        kept, sizes = [], []
+        for record in records:
+            try:
+                sizes.append(record.image_size or img.image_size(record.image_path))
+                kept.append(record)
+            except UserError as exc:
+                self.skipped.append((str(record.image_path), str(exc)))
+                logger.warning("skipping %s", exc)
+        return kept, sizes
+
     def _add_dataset(self, spec: DatasetSpec, index: int, records: Sequence[ImageRecord]) -> None:
-        sizes = [r.image_size or img.image_size(r.image_path) for r in records]
+        records, sizes = self._readable(records)
+        if not records:
+            return
         per_image, _ = assign_buckets(sizes, spec.buckets, spec.resolution)
         first = len(self.records)
         self.records.extend(records)

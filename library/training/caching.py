@@ -85,8 +85,10 @@ def encoder_outputs_from_cache(text: Mapping[str, torch.Tensor]) -> EncoderOutpu
 
 
 def cache_latents(data: TrainingData, vae: SD3VAE, *, batch_size: int, generator: torch.Generator | None = None,
-                  progress: bool = True) -> CacheSummary:
-    summary = encode_missing_latents(data.latent_cache_items(), vae_encode_fn(vae, generator), data.load_for_cache,
+                  progress: bool = True, shard: tuple[int, int] = (0, 1)) -> CacheSummary:
+    """Encode the images whose latent cache is missing or stale; ``shard`` = (rank, world size)."""
+    items = data.latent_cache_items()[shard[0]::shard[1]]
+    summary = encode_missing_latents(items, vae_encode_fn(vae, generator), data.load_for_cache,
                                      batch_size=batch_size, progress=progress,
                                      trust_foreign=data.cache.skip_cache_check)
     _report("latents", summary)
@@ -94,10 +96,11 @@ def cache_latents(data: TrainingData, vae: SD3VAE, *, batch_size: int, generator
 
 
 def cache_text_outputs(data: TrainingData, encoders: TextEncoders, tokenizers: Tokenizers, *, batch_size: int,
-                       progress: bool = True) -> CacheSummary:
+                       progress: bool = True, shard: tuple[int, int] = (0, 1)) -> CacheSummary:
+    """Encode the caption variants of images whose text cache is missing or stale."""
     fn = text_encode_fn(encoders, tokenizers, t5_max_length=data.cache.t5_max_length,
                         apply_t5_attn_mask=data.cache.apply_t5_attn_mask, parts=data.cache.te_parts)
-    summary = encode_missing_te(data.te_cache_items(), fn, batch_size=batch_size, progress=progress,
+    summary = encode_missing_te(data.te_cache_items()[shard[0]::shard[1]], fn, batch_size=batch_size, progress=progress,
                                 trust_foreign=data.cache.skip_cache_check)
     _report("text-encoder outputs", summary)
     return summary

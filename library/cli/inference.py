@@ -1,4 +1,4 @@
-"""Command-line parsers (the only argparse in the library) and their conversion to typed configs.
+"""Flags of sd3_minimal_inference.py and their conversion to typed configs.
 
 Flag names follow sd-scripts so that command lines copied from model cards keep working.
 """
