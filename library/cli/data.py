@@ -13,7 +13,7 @@ from library.data.toml_config import load_dataset_config
 from library.errors import UserError
 
 _BOOL_FLAGS = ("enable_bucket", "bucket_no_upscale", "shuffle_caption", "enable_wildcard", "flip_aug", "color_aug",
-               "random_crop", "alpha_mask")
+               "random_crop", "alpha_mask", "cache_info")
 _TYPED_FLAGS: dict[str, type] = {
     "dataset_repeats": int, "train_batch_size": int, "min_bucket_reso": int, "max_bucket_reso": int,
     "bucket_reso_steps": int, "resize_interpolation": str, "validation_split": float, "validation_seed": int,
@@ -53,7 +53,6 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_check", choices=("mtime", "hash"), default="mtime",
                    help="how a changed image is noticed: size+mtime, or content hash")
     g.add_argument("--skip_cache_check", action="store_true", help="trust existing caches (incl. sd-scripts')")
-    g.add_argument("--cache_info", action="store_true", help="keep image sizes in metadata_cache.json")
     g.add_argument("--debug_dataset", action="store_true", help="print buckets and write a contact sheet, then stop")
     g.add_argument("--max_data_loader_n_workers", type=int, default=8)
 

@@ -31,7 +31,6 @@ KEY_TO_FLAG: dict[str, str] = {"batch_size": "train_batch_size", "num_repeats": 
 # dataset-config keys without a flag, and their defaults
 NOT_FLAGS: dict[str, Any] = {
     "class_tokens": None,
-    "cache_info": False,
     "is_reg": False,
     "image_dir": None,
     "metadata_file": None,
@@ -76,6 +75,7 @@ class DatasetDefaults:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
+    cache_info: bool = False
 
     def value_for(self, key: str) -> Any:
         """The command-line value of a dataset-config key (its default when no flag exists)."""
