@@ -52,3 +52,13 @@ def test_cache_tool_errors_are_one_line(tmp_path, capsys):
                                "--pretrained_model_name_or_path", str(tmp_path / "none.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+
+
+def test_debug_dataset_writes_report_and_sheet(tmp_path, capsys):
+    data = _images(tmp_path)
+    code = cache_latents.main(["--train_data_dir", str(data), "--resolution", "64", "--enable_bucket",
+                               "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16",
+                               "--debug_dataset", "--output_dir", str(tmp_path / "dbg")])
+    out = capsys.readouterr().out
+    assert code == 0 and "batches per epoch" in out
+    assert (tmp_path / "dbg" / "debug_dataset_epoch0.png").is_file()
