@@ -98,4 +98,5 @@ def cache_options(ns: argparse.Namespace, *, vae_identity: str = "", encoder_ide
         te_parts=("t5",) if ns.use_t5xxl_cache_only else ("lg", "t5"),
         vae_identity=vae_identity, encoder_identity=encoder_identity,
         cache_check=ns.cache_check, skip_cache_check=ns.skip_cache_check,
+        keep_in_memory=not to_disk,
     )

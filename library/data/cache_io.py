@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -101,6 +101,22 @@ def read_arrays(path: Path, keys: Iterable[str]) -> tuple[dict[str, np.ndarray] 
         return None, f"missing key {err}"
     except READ_ERRORS as err:
         return None, f"unreadable cache file ({type(err).__name__}: {err})"
+
+
+def read_npz(
+    path: Path, select: Callable[[frozenset[str]], Iterable[str]]
+) -> tuple[dict[str, np.ndarray] | None, frozenset[str], str]:
+    """Open ``path`` once: (arrays of the keys ``select(all keys)`` names, all keys, "") or (None, keys, reason)."""
+    if not path.is_file():
+        return None, frozenset(), "no cache file"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = frozenset(npz.files)
+            return {key: npz[key] for key in select(keys)}, keys, ""
+    except KeyError as err:
+        return None, frozenset(), f"missing key {err}"
+    except READ_ERRORS as err:
+        return None, frozenset(), f"unreadable cache file ({type(err).__name__}: {err})"
 
 
 def read_record(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:

@@ -15,7 +15,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class CacheOptions:
     encoder_identity: str = ""
     cache_check: str = "mtime"  # or "hash"
     skip_cache_check: bool = False  # trust files without our record (sd-scripts' caches)
+    keep_in_memory: bool = False  # hold decoded caches in RAM after the first read (sd-scripts' --cache_latents)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class TrainingData:
         self.validation: list[ImageRecord] = []
         self._variants: dict[int, list[str]] = {}
         self.skipped: list[tuple[str, str]] = []  # (image, reason) of unreadable images
+        self._memory: dict[tuple, dict[str, torch.Tensor]] = {}  # decoded caches (keep_in_memory)
         for group in blueprint_records(blueprint, seed):
             self._add_dataset(blueprint.datasets[group.dataset_index], group.dataset_index, group.train)
             self.validation.extend(group.validation)
@@ -192,6 +194,13 @@ class TrainingData:
 
     # --- loading ------------------------------------------------------------------------------
 
+    def _remember(self, key: tuple, read: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not self.cache.keep_in_memory:
+            return read()
+        if key not in self._memory:
+            self._memory[key] = read()
+        return self._memory[key]
+
     def prepare_image(self, index: int, rng: random.Random | None = None, *, flip: bool = False):
         """(image tensor (3, H, W) in [-1, 1], original size, crop, alpha (H, W) or None) at the record's bucket."""
         record = self.records[index]
@@ -233,7 +242,8 @@ class TrainingData:
             return caption, None
         variants = self.variants_of(index)
         k = rng.randrange(len(variants))
-        text = read_te_cache(self._cache_file(te_cache_path(record.image_path)), k)
+        path = self._cache_file(te_cache_path(record.image_path))
+        text = self._remember(("te", path, k), lambda: read_te_cache(path, k))
         return ("" if is_dropped(options, rng, epoch + 1) else variants[k]), text
 
     def load_batch(self, batch: Batch, epoch: int, step: int = 0, max_steps: int | None = None) -> BatchData:
@@ -247,7 +257,8 @@ class TrainingData:
             flip = subset.augment.flip_aug and rng.random() < 0.5
             if self.cache.cache_latents:
                 path = self._cache_file(latent_cache_path(record.image_path, self.buckets[index]))
-                cached = read_latent_cache(path, self.buckets[index], flipped=flip)
+                cached = self._remember(("latents", path, flip),
+                                        lambda: read_latent_cache(path, self.buckets[index], flipped=flip))
                 latents.append(cached["latents"])
                 alpha = cached.get("alpha_mask") if subset.alpha_mask else None
             else:

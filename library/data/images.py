@@ -246,8 +246,9 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image → float32 ``(3, H, W)`` in [-1, 1] (x/255 normalised with mean 0.5, std 0.5)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    return ((torch.from_numpy(array).permute(2, 0, 1) - 0.5) / 0.5).contiguous()
+    # numpy only: torch ops here would start an OpenMP pool in every caching thread and starve the VAE
+    array = (np.asarray(image, dtype=np.float32) / 255.0 - 0.5) / 0.5  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def hflip_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from library.data.cache_io import (
     progress_due,
     read_arrays,
     read_existing,
+    read_npz,
     read_record,
     record_differences,
     to_numpy,
@@ -226,11 +227,7 @@ def read_latent_cache(
     as sd-scripts does)."""
     path = Path(npz_path)
     suffix = key_suffix(bucket_wh)
-    keys, reason = npz_keys(path)
-    if keys is None:
-        raise UserError(f"latent cache {path}: {reason}; delete it or re-run caching")
-    wanted = _required_keys(suffix, flipped, f"alpha_mask{suffix}" in keys)
-    arrays, reason = read_arrays(path, wanted)
+    arrays, _, reason = read_npz(path, lambda keys: _required_keys(suffix, flipped, f"alpha_mask{suffix}" in keys))
     if arrays is None:
         raise UserError(f"latent cache {path}: {reason}; delete it or re-run caching")
     latent_key = f"latents_flipped{suffix}" if flipped else f"latents{suffix}"
@@ -298,23 +295,32 @@ def _encode_checked(encode_fn: EncodeFn, images: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_and_write(
-    batch: list[LatentCacheItem], loaded: list[LoadResult], encode_fn: EncodeFn, summary: CacheSummary
-) -> None:
+    batch: list[LatentCacheItem], loaded: list[LoadResult], encode_fn: EncodeFn, writer: ThreadPoolExecutor
+) -> list[tuple[LatentCacheItem, Future[None]]]:
+    """Encode one bucket batch and queue its file writes on ``writer`` (they overlap the next encode)."""
     width, height = batch[0].bucket_wh
     images = torch.stack([torch.as_tensor(result[0]) for result in loaded])  # (B, 3, H, W)
     if images.shape[1:] != (3, height, width):
         raise ValueError(f"load_fn gave images {tuple(images.shape[1:])} for bucket {width}x{height}")
     latents = _encode_checked(encode_fn, images)
     flipped = _encode_checked(encode_fn, images.flip(-1)) if batch[0].flip else None
+    jobs = []
     for index, (item, (_, original_size, crop_ltrb, alpha)) in enumerate(zip(batch, loaded)):
         mask = None
         if item.alpha_mask:
             mask = torch.ones(height, width) if alpha is None else torch.as_tensor(alpha).float()
+        future = writer.submit(
+            write_latent_cache, item.npz_path, item.bucket_wh, latents[index], original_size, crop_ltrb, item.record,
+            flipped=None if flipped is None else flipped[index], alpha_mask=mask,
+        )
+        jobs.append((item, future))
+    return jobs
+
+
+def _collect_writes(jobs: list[tuple[LatentCacheItem, Future[None]]], summary: CacheSummary) -> None:
+    for item, future in jobs:
         try:
-            write_latent_cache(
-                item.npz_path, item.bucket_wh, latents[index], original_size, crop_ltrb, item.record,
-                flipped=None if flipped is None else flipped[index], alpha_mask=mask,
-            )
+            future.result()
         except OSError as err:
             summary.failed[str(item.npz_path)] = f"write failed: {err}"
             logger.error("cannot write latent cache %s: %s", item.npz_path, err)
@@ -360,7 +366,8 @@ def encode_missing_latents(
     summary = CacheSummary()
     stale = _find_stale(items, trust_foreign, summary)
     batches = list(_batches(stale, batch_size))
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+    jobs: list[tuple[LatentCacheItem, Future[None]]] = []
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, ThreadPoolExecutor(max_workers=2) as writer:
         pending: list[Future[LoadResult | str]] = []
         if batches:
             pending = [pool.submit(_safe_load, load_fn, item) for item in batches[0]]
@@ -374,9 +381,10 @@ def encode_missing_latents(
                     summary.failed[str(item.npz_path)] = res
                     logger.warning("skipping %s: %s", item.source, res)
             if good:
-                _encode_and_write([g[0] for g in good], [g[1] for g in good], encode_fn, summary)
+                jobs += _encode_and_write([g[0] for g in good], [g[1] for g in good], encode_fn, writer)
             if progress and progress_due(number, len(batches)):
                 logger.info("latent cache: batch %d/%d (bucket %dx%d)", number + 1, len(batches), *batch[0].bucket_wh)
+    _collect_writes(jobs, summary)
     logger.info(
         "latent cache: %d encoded, %d reused, %d failed", summary.encoded, summary.reused, len(summary.failed)
     )

@@ -47,11 +47,13 @@ import torch
 from library.data.cache_io import (
     CacheSummary,
     atomic_savez,
+    decode_record,
     encode_record,
     normalize_record,
     npz_keys,
     progress_due,
     read_arrays,
+    read_npz,
     read_record,
     to_numpy,
 )
@@ -270,18 +272,15 @@ def read_te_cache(
     ``clip_l_width`` splits sd-scripts' ``lg_out``/``lg_pooled`` of a foreign file (default 768).
     """
     path = Path(path)
-    keys, reason = npz_keys(path)
-    if keys is None:
+    wanted = [variant_key(name, variant) for names in DISK_KEYS.values() for name in names]
+    arrays, keys, reason = read_npz(path, lambda keys: [k for k in [META_KEY, *wanted] if k in keys])
+    if arrays is None:
         raise UserError(f"text-encoder cache {path}: {reason}; re-run caching")
-    meta = _read_meta(path, keys)
+    meta = decode_record(arrays.pop(META_KEY)) if META_KEY in arrays else None
     count = 1 if meta is None else len(meta["storage"])
     if not 0 <= variant < count:
         raise IndexError(f"{path} holds {count} variant(s); asked for {variant}")
     info = meta["storage"][variant] if meta else {}
-    wanted = [variant_key(name, variant) for names in DISK_KEYS.values() for name in names]
-    arrays, reason = read_arrays(path, [key for key in wanted if key in keys])
-    if arrays is None:
-        raise UserError(f"text-encoder cache {path}: {reason}; re-run caching")
     disk = {key.removesuffix(f"_v{variant}") if variant else key: value for key, value in arrays.items()}
     out: dict[str, np.ndarray] = {}
     if "lg_out" in disk:

@@ -79,6 +79,22 @@ def text_encode_fn(
     return encode
 
 
+def empty_prompt_text(encode: Callable[[list[str]], list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The encoder outputs of the empty caption, computed once while the encoders are loaded."""
+    return encode([""])[0]
+
+
+def substitute_dropped(text: Mapping[str, torch.Tensor], captions: Sequence[str],
+                       empty: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows whose caption was dropped (``""``) take the empty caption's cached outputs."""
+    dropped = [i for i, c in enumerate(captions) if c == ""]
+    out = {k: v.clone() if dropped else v for k, v in text.items()}
+    for name, value in out.items():
+        for i in dropped:
+            value[i] = empty[name].to(value.dtype)
+    return out
+
+
 def encoder_outputs_from_cache(text: Mapping[str, torch.Tensor]) -> EncoderOutputs:
     """Stacked cached outputs (B, ...) -> EncoderOutputs (missing parts are None)."""
     return EncoderOutputs(**{name: text.get(name) for name in _OUTPUT_FIELDS})

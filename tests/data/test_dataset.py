@@ -132,3 +132,14 @@ def test_caption_edit_invalidates_only_that_te_cache(folder):
     data = TrainingData(blueprint_from_defaults(defaults), cache, seed=0)
     summary = encode_missing_te(data.te_cache_items(), _fake_text, batch_size=16, progress=False)
     assert summary.encoded == 1 and summary.reused == len(data.records) - 1
+
+
+def test_keep_in_memory_reads_each_cache_once(folder):
+    cache = CacheOptions(cache_latents=True, vae_identity="fake-vae", keep_in_memory=True)
+    data = TrainingData(blueprint_from_defaults(_defaults(folder)), cache, seed=0)
+    encode_missing_latents(data.latent_cache_items(), fake_encode, data.load_for_cache, batch_size=4, progress=False)
+    first = [data.load_batch(b, 0).latents for b in data.epoch_batches(0)]
+    for npz in folder.rglob("*_sd3.npz"):
+        npz.unlink()  # from now on only memory can answer
+    again = [data.load_batch(b, 0).latents for b in data.epoch_batches(0)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

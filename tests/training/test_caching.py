@@ -72,3 +72,18 @@ def test_real_photos_bucketed_cached_and_loaded(tiny_models, tmp_path):
     assert (cached - mean[0]).abs().mean() < (mean.abs().mean() + 1.0)  # a sample around the mean, same layout
     assert torch.equal(vae_encode_fn(vae, torch.Generator().manual_seed(5))(image[None]),
                        vae_encode_fn(vae, torch.Generator().manual_seed(5))(image[None]))
+
+
+def test_dropped_captions_take_the_empty_prompt_outputs(tiny_models):
+    from library.training.caching import empty_prompt_text, substitute_dropped, text_encode_fn
+
+    files = tiny_models("sd3-medium")
+    encode = text_encode_fn(load_text_encoders(files.checkpoint), load_tokenizers(str(files.tokenizer_dir), t5_max_length=8),
+                            t5_max_length=8)
+    empty = empty_prompt_text(encode)
+    rows = encode(["a red square", "a blue circle"])
+    stacked = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    mixed = substitute_dropped(stacked, ["a red square", ""], empty)
+    for name in stacked:
+        assert torch.equal(mixed[name][0], stacked[name][0]) and torch.equal(mixed[name][1], empty[name])
+    assert not torch.equal(stacked["clip_l"][1], empty["clip_l"])  # the substitution really changed something
