@@ -283,8 +283,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp_name:
         tmp = Path(tmp_name)
         files, data = build(tmp, args.images, args.batch_size)
-        n = len(data.records)
-        buckets = sorted(set(data.buckets))
         vae = load_vae(files.checkpoint)
         encoders = load_text_encoders(files.checkpoint)
         tokenizers = load_tokenizers(str(files.tokenizer_dir), t5_max_length=T5_LENGTH)

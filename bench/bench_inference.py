@@ -14,7 +14,6 @@ import datetime
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
