@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,35 +44,33 @@ def _interactive(models, job, run_job) -> None:
             print(f"error: {exc}")
 
 
+def _run(ns) -> None:
+    from library.cli import inference as cli
+    from library.inference.pipeline import load_models
+    from library.inference.run import encode_all, model_default_params, run_job, validate_params
+
+    if ns.demo:
+        _demo_sources(ns)
+    prompts, defaults = cli.prompt_specs(ns), cli.sampling_defaults(ns)
+    sources, options = cli.model_sources(ns), cli.load_options(ns)
+    validate_params(replace(defaults, cfg_scale=1.0, shift=1.0))
+    models = load_models(sources, options)
+    job = cli.generation_job(ns, prompts, model_default_params(models.variant, ns.shift, ns.cfg_scale, defaults))
+    if ns.interactive:
+        _interactive(models, job, run_job)
+        return
+    table = encode_all(models, [p.prompt for p in prompts] + [p.negative_prompt or ns.negative_prompt for p in prompts])
+    models.free_text_encoders()
+    for path in run_job(models, job, table):
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli import inference as cli
+    from library.cli import run_command
 
     ns = cli.inference_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU 4-bit kernel notice is not for us
-    try:
-        if ns.demo:
-            _demo_sources(ns)
-        from library.inference.pipeline import load_models
-        from library.inference.run import encode_all, model_default_params, run_job, validate_params
-
-        prompts, defaults = cli.prompt_specs(ns), cli.sampling_defaults(ns)
-        sources, options = cli.model_sources(ns), cli.load_options(ns)
-        validate_params(replace(defaults, cfg_scale=1.0, shift=1.0))
-        models = load_models(sources, options)
-        job = cli.generation_job(ns, prompts, model_default_params(models.variant, ns.shift, ns.cfg_scale, defaults))
-        if ns.interactive:
-            _interactive(models, job, run_job)
-            return 0
-        table = encode_all(models, [p.prompt for p in prompts] + [p.negative_prompt or ns.negative_prompt for p in prompts])
-        models.free_text_encoders()
-        for path in run_job(models, job, table):
-            print(path)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command(lambda: _run(ns))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import random
 import statistics
 import sys
@@ -40,6 +38,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import append_section, header  # noqa: E402
 
 from library.data.cli_datasets import DatasetDefaults, blueprint_from_defaults  # noqa: E402
 from library.data.dataset import BatchData, CacheOptions, TrainingData  # noqa: E402
@@ -254,14 +255,6 @@ def time_training_loop(trainer: Trainer, loader) -> tuple[float, float]:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def _record(rows: list[str]) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nEach row: date, machine, command, figures (ratios from one run).\n\n")
-    with open(path, "a") as f:
-        f.write("\n".join(rows) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -271,10 +264,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = parser.parse_args()
     torch.manual_seed(0)
-    stamp = datetime.date.today().isoformat()
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, cpu, torch {torch.__version__}"
-    command = "python bench/bench_data.py " + " ".join(sys.argv[1:])
-    rows = [f"## bench_data {stamp} — {machine}", f"`{command}`", ""]
+    rows = header("bench_data")
 
     def emit(line: str) -> None:
         rows.append(line)
@@ -330,7 +320,7 @@ def main() -> None:
              f"{med(computes)*1e3:.2f} ms/step computing, wait ÷ step **{med(w / c for w, c in zip(waits, computes)):.3f}**")
         del loader1
     if not args.no_record:
-        _record(rows + [""])
+        append_section(rows)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ process so machine noise hits both. A row goes to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import append_section, header  # noqa: E402
 
 from library.inference.sampling import SamplingParams, sample_latents  # noqa: E402
 from library.models.loading import load_mmdit  # noqa: E402
@@ -86,13 +87,7 @@ def main() -> None:
             f"(max |Δ latents| {diff:.1e})")
     print(line)
     if not args.no_record:
-        machine = f"{platform.machine()} {torch.get_num_threads()} threads, cpu, torch {torch.__version__}"
-        command = "python bench/bench_inference.py " + " ".join(sys.argv[1:])
-        path = Path(__file__).with_name("RESULTS.md")
-        if not path.exists():
-            path.write_text("# Benchmark results\n\nEach row: date, machine, command, figures (ratios from one run).\n\n")
-        with open(path, "a") as f:
-            f.write(f"## bench_inference {datetime.date.today().isoformat()} — {machine}\n`{command}`\n\n{line}\n\n")
+        append_section(header("bench_inference") + [line])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ rate by this machine's measured bf16 matmul rate. A row goes to bench/RESULTS.md
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import append_section, header  # noqa: E402
 
 from library.models.loading import load_mmdit  # noqa: E402
 from library.models.mmdit_config import MMDIT_PREFIX, MMDiTConfig, real_config, to_diffusers_config  # noqa: E402
@@ -130,14 +131,6 @@ def full_width_efficiency(repeats: int) -> tuple[float, float, float]:
     return achieved, peak, achieved / peak
 
 
-def _record(rows: list[str]) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nEach row: date, machine, command, figures (ratios from one run).\n\n")
-    with open(path, "a") as f:
-        f.write("\n".join(rows) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="sd35-medium", choices=["sd3-medium", "sd35-medium", "sd35-large"])
@@ -146,10 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = _bench_config(args.variant)
-    stamp = datetime.date.today().isoformat()
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, {DEVICE}, torch {torch.__version__}"
-    command = "python bench/bench_mmdit.py " + " ".join(sys.argv[1:])
-    rows = [f"## bench_mmdit {stamp} — {machine}", f"`{command}`", ""]
+    rows = header("bench_mmdit")
     for batch in (1, 4):
         ours, theirs = compare(cfg, batch, args.repeats)
         rows.append(f"- {args.variant} hidden 256 x 4, 32x32 latent, 154 ctx, batch {batch}: ours {ours*1e3:.1f} ms, "
@@ -160,7 +150,7 @@ def main() -> None:
                 f"bf16 matmul {peak/1e9:.1f} GFLOP/s, ratio **{ratio:.3f}**")
     print(rows[-1], flush=True)
     if not args.no_record:
-        _record(rows + [""])
+        append_section(rows)
 
 
 if __name__ == "__main__":

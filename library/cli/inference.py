@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from library.cli import models
 from library.errors import UserError
 from library.inference.pipeline import LoadOptions, ModelSources
 from library.inference.prompts import PromptSpec, parse_prompt_line, read_prompt_file
@@ -77,19 +78,11 @@ def inference_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str | None) -> str:
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def load_options(ns: argparse.Namespace) -> LoadOptions:
     if ns.fp16 and ns.bf16:
         raise UserError("--fp16 and --bf16 exclude each other; pick one")
     dtype = torch.float16 if ns.fp16 else torch.bfloat16 if ns.bf16 else torch.float32
-    return LoadOptions(device=_device(ns.device), dtype=dtype, mmap=not ns.disable_mmap_load_safetensors,
+    return LoadOptions(device=models.device(ns), dtype=dtype, mmap=not ns.disable_mmap_load_safetensors,
                        t5_max_length=ns.t5xxl_token_length, apply_lg_attn_mask=ns.apply_lg_attn_mask,
                        apply_t5_attn_mask=ns.apply_t5_attn_mask, offload=ns.offload)
 
