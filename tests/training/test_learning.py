@@ -96,7 +96,8 @@ def test_two_concepts_are_learned(tiny_models, tmp_path):
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
     assert last < 0.85 * first, (first, last)  # noisy per-step losses (random σ)
     after = _validation_loss(model, data, layout, settings)
-    assert after < 0.75 * before, (before, after)  # fixed σ and noise: 5.29 -> 3.15 after 300 steps
+    print(f"validation loss {before:.2f} -> {after:.2f}, step loss {first:.2f} -> {last:.2f}")
+    assert after < 0.75 * before, (before, after)  # fixed σ and noise
 
     model.eval()
     targets = {}
@@ -110,4 +111,5 @@ def test_two_concepts_are_learned(tiny_models, tmp_path):
                                                                    shift=1.0, seed=3))
         mean = samples.mean(0)
         own, other = (mean - targets[name]).norm(), (mean - targets[[n for n in CONCEPTS if n != name][0]]).norm()
-        assert own < other, (name, own.item(), other.item())  # measured: 34.6 vs 37.5 and 34.7 vs 41.6
+        print(f"{name}: own {own.item():.1f} other {other.item():.1f}")
+        assert own < other, (name, own.item(), other.item())
