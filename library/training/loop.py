@@ -1,0 +1,162 @@
+"""The one training loop of both trainers: batches -> steps -> optimizer updates, with accelerate.
+
+What is trained arrives as a :class:`Trainable`; how a batch becomes a loss arrives as a callable;
+saving, sampling and logging attach through :class:`LoopHooks`. The loop owns the counters
+(epoch, position in the epoch's batch list, optimizer step) so that a resumed run continues at the
+exact batch it stopped before, with the same random streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from library.data.batching import Batch, DataPosition, shard
+from library.data.dataset import BatchData, TrainingData
+from library.errors import UserError
+from library.training.step import StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class Trainable(Protocol):
+    """What the loop trains (the full model, or a network attached to it), prepared by accelerate."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> object: ...
+
+
+StepFn = Callable[[BatchData, torch.Generator], StepResult]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    max_train_steps: int
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    seed: int = 0
+
+
+@dataclass
+class LoopState:
+    """Counters the loop advances; saved with training states."""
+
+    global_step: int = 0  # optimizer updates done
+    position: DataPosition = field(default_factory=DataPosition)
+    bad_steps: int = 0
+    loss_history: list[float] = field(default_factory=list)
+
+
+class LoopHooks:
+    """Override what you need; every hook runs on every rank (hooks decide who writes)."""
+
+    def on_step_end(self, state: LoopState, loss: float, lr: float) -> None: ...
+
+    def on_epoch_end(self, state: LoopState, epoch: int) -> None: ...
+
+    def on_train_end(self, state: LoopState) -> None: ...
+
+
+def epoch_batches(data: TrainingData, epoch: int, rank: int, world: int) -> list[Batch]:
+    """This rank's batches of ``epoch`` (disjoint across ranks, equal counts)."""
+    batches = data.epoch_batches(epoch)
+    return shard(batches, rank, world) if world > 1 else batches
+
+
+def steps_per_epoch(data: TrainingData, world: int, accumulation: int) -> int:
+    return max(1, len(epoch_batches(data, 0, 0, world)) // accumulation)
+
+
+def total_steps(max_train_steps: int | None, max_train_epochs: int | None, per_epoch: int) -> int:
+    """--max_train_epochs wins over --max_train_steps, as in sd-scripts."""
+    if max_train_epochs:
+        return max_train_epochs * per_epoch
+    if not max_train_steps or max_train_steps < 1:
+        raise UserError("set --max_train_steps N or --max_train_epochs N (at least 1)")
+    return max_train_steps
+
+
+def _finite(result: StepResult) -> bool:
+    return bool(torch.isfinite(result.loss.detach()).item())
+
+
+def _update(accelerator, params: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> None:
+    if max_grad_norm and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)  # one global norm over every trained tensor
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _bad_step(state: LoopState, settings: LoopSettings, optimizer, epoch: int, index: int) -> None:
+    state.bad_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    logger.warning("non-finite loss at epoch %d batch %d: update skipped (%d in a row)", epoch + 1, index, state.bad_steps)
+    if state.bad_steps >= settings.max_bad_steps:
+        raise UserError(
+            f"loss was NaN/inf for {state.bad_steps} steps in a row (last at epoch {epoch + 1}); lower the "
+            "learning rate, use bf16 instead of fp16, or check the data; the last saved state is intact"
+        )
+
+
+def run_loop(
+    accelerator,
+    trainable: Trainable,
+    data: TrainingData,
+    step_fn: StepFn,
+    optimizer,
+    scheduler,
+    settings: LoopSettings,
+    state: LoopState,
+    generator: torch.Generator,
+    hooks: LoopHooks = LoopHooks(),
+) -> LoopState:
+    """Train until ``settings.max_train_steps`` optimizer updates are done (resuming at ``state``)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    trainable.train()
+    started = time.perf_counter()
+    while state.global_step < settings.max_train_steps:
+        epoch = state.position.epoch
+        batches = epoch_batches(data, epoch, rank, world)
+        for index in range(state.position.batch_index, len(batches)):
+            batch = data.load_batch(batches[index], epoch, step=state.global_step, max_steps=settings.max_train_steps)
+            with accelerator.accumulate(trainable):
+                result = step_fn(batch, generator)
+                if not _finite(result):
+                    _bad_step(state, settings, optimizer, epoch, index)
+                    state.position = DataPosition(epoch, index + 1)
+                    continue
+                state.bad_steps = 0
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients:
+                    _update(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
+            state.position = DataPosition(epoch, index + 1)
+            if accelerator.sync_gradients:
+                state.global_step += 1
+                loss = float(result.loss.detach())
+                state.loss_history.append(loss)
+                hooks.on_step_end(state, loss, scheduler.get_last_lr()[0])
+                if state.global_step >= settings.max_train_steps:
+                    break
+        if state.global_step >= settings.max_train_steps and state.position.batch_index < len(batches):
+            break
+        state.position = DataPosition(epoch + 1, 0)
+        hooks.on_epoch_end(state, epoch + 1)
+    elapsed = time.perf_counter() - started
+    logger.info("trained %d steps in %.1f s (%.2f s/step)", state.global_step, elapsed,
+                elapsed / max(1, state.global_step))
+    hooks.on_train_end(state)
+    return state
+
+
+def average_loss(history: list[float], window: int = 50) -> float:
+    recent = history[-window:]
+    return sum(recent) / len(recent) if recent else math.nan
