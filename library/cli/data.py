@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from library.data.cli_datasets import DatasetDefaults, blueprint_from_defaults, parse_resolution
-from library.data.dataset import CacheOptions
 from library.data.spec import DatasetBlueprint
 from library.data.toml_config import load_dataset_config
 from library.errors import UserError
+
+if TYPE_CHECKING:  # library.data.dataset imports torch: loaded when cache options are built, not for --help
+    from library.data.dataset import CacheOptions
 
 _BOOL_FLAGS = ("enable_bucket", "bucket_no_upscale", "shuffle_caption", "enable_wildcard", "flip_aug", "color_aug",
                "random_crop", "alpha_mask", "cache_info")
@@ -54,7 +57,8 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="how a changed image is noticed: size+mtime, or content hash")
     g.add_argument("--skip_cache_check", action="store_true", help="trust existing caches (incl. sd-scripts')")
     g.add_argument("--debug_dataset", action="store_true", help="print buckets and write a contact sheet, then stop")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0,
+                   help="DataLoader workers (default 0; sd-scripts' 8 cost more than they save on cached data)")
 
 
 def dataset_defaults(ns: argparse.Namespace) -> DatasetDefaults:
@@ -88,6 +92,8 @@ def cache_options(ns: argparse.Namespace, *, vae_identity: str = "", encoder_ide
                   t5_max_length: int = 256, apply_lg_attn_mask: bool = False, apply_t5_attn_mask: bool = False,
                   temp_dir: Path | None = None) -> CacheOptions:
     """What to cache and where: beside the images with *_to_disk, else under ``temp_dir``."""
+    from library.data.dataset import CacheOptions
+
     to_disk = ns.cache_latents_to_disk or ns.cache_text_encoder_outputs_to_disk
     return CacheOptions(
         cache_latents=ns.cache_latents or ns.cache_latents_to_disk,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from library.errors import UserError
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # torch is imported when a dtype is needed, so --help stays instant
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t5xxl_max_token_length", type=int, default=256)
     g.add_argument("--apply_lg_attn_mask", action="store_true")
     g.add_argument("--apply_t5_attn_mask", action="store_true")
-    g.add_argument("--mixed_precision", choices=tuple(_DTYPES), default="no")
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default="no")
     g.add_argument("--disable_mmap_load_safetensors", action="store_true")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
 
@@ -38,6 +40,8 @@ def checkpoint_path(ns: argparse.Namespace) -> Path:
 
 
 def device(ns: argparse.Namespace) -> str:
+    import torch
+
     if ns.device:
         return ns.device
     if torch.cuda.is_available():
@@ -46,7 +50,9 @@ def device(ns: argparse.Namespace) -> str:
 
 
 def weight_dtype(ns: argparse.Namespace, dev: str) -> torch.dtype:
-    dtype = _DTYPES[ns.mixed_precision]
+    import torch
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ns.mixed_precision]
     if dtype == torch.float16 and not dev.startswith(("cuda", "mps")):
         raise UserError("--mixed_precision fp16 needs a GPU (fp16 matmuls on a CPU are ~1000x slower); use bf16 or no")
     return dtype

@@ -1,0 +1,206 @@
+"""Flags of the trainers (sd3_train.py, sd3_train_network.py) -> a frozen :class:`RunConfig`.
+
+The training flags are generated from the config dataclasses (name, type, default, choices), so the
+parser and the config cannot drift apart; model, dataset and cache flags come from
+``library.cli.models`` / ``library.cli.data``. :func:`parse_train_args` parses once (config file
+first, then the command line over it) and returns the config plus the namespace, which the entry
+script uses only to build the dataset blueprint and cache options. Typical entry script::
+
+    cfg, ns = parse_train_args(argv)
+    if ns.output_config:
+        write_output_config(cfg, ns)
+        return
+
+Importing this module loads no torch: ``--help`` and config checks are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from library.cli import config_file
+from library.cli.compat import IGNORED_FLAGS, SAVE_MODEL_AS, add_ignored_flags, ignored_flag_notices
+from library.cli.data import add_cache_flags, add_dataset_flags
+from library.cli.models import add_model_flags
+from library.config import CHOICES, SECTIONS, RunConfig
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+GROUP_TITLES = {"model": "models (training options)", "train": "training",
+                "flow": "flow matching (timesteps, objective, loss)",
+                "optimizer": "optimizer and lr schedule", "save": "saving, resuming and metadata",
+                "sample": "sample images during training", "log": "logging"}
+ALIASES = {"learning_rate_te1": ("text_encoder_lr1",), "learning_rate_te2": ("text_encoder_lr2",),
+           "learning_rate_te3": ("text_encoder_lr3",)}
+HELP = {
+    "max_train_steps": "optimizer steps to train (default 1600; --max_train_epochs wins)",
+    "learning_rate_te1": "CLIP-L learning rate with --train_text_encoder (default --learning_rate)",
+    "learning_rate_te2": "CLIP-G learning rate with --train_text_encoder (default --learning_rate)",
+    "learning_rate_te3": "T5-XXL learning rate with --train_t5xxl (default --learning_rate)",
+    "train_text_encoder": "also train CLIP-L and CLIP-G", "train_t5xxl": "also train T5-XXL",
+    "num_last_block_to_freeze": "freeze the last N MMDiT blocks",
+    "full_bf16": "bf16 weights and gradients (with --mixed_precision bf16)",
+    "max_bad_steps": "stop after this many consecutive steps with a NaN/inf loss (default 10)",
+    "fp8_base": "keep the frozen base weights in float8_e4m3fn (network training)",
+    "pos_emb_random_crop_rate": "probability of a random position-embedding crop (SD3.5-M)",
+    "enable_scaled_pos_embed": "per-resolution scaled position embeddings (SD3.5-M, experimental)",
+    "weighting_scheme": "sigma density and loss weighting in one (sd-scripts' flag)",
+    "timestep_sampling": "sigma density only, overriding --weighting_scheme's",
+    "loss_weighting": "loss weighting only, overriding --weighting_scheme's",
+    "training_shift": "shift of the training sigma distribution (1 = none; > 1 toward noise)",
+    "min_timestep": "lowest sigma*1000 trained", "max_timestep": "highest sigma*1000 trained",
+    "model_prediction_type": "sd3: compare the denoised estimate with x0 (sd-scripts); raw: plain velocity loss",
+    "masked_loss": "weight the loss by the image's mask (alpha_mask / conditioning images)",
+    "optimizer_type": "sd-scripts name (AdamW, AdamW8bit, Prodigy, ...) or package.module.Class",
+    "optimizer_args": "optimizer keyword arguments as key=value items",
+    "lr_scheduler": "constant, constant_with_warmup, cosine, linear, ... (sd-scripts names)",
+    "lr_warmup_steps": "warmup steps: a count, a ratio < 1 or N%% of the total",
+    "lr_decay_steps": "decay steps (warmup_stable_decay): a count, a ratio < 1 or N%% of the total",
+    "lr_scheduler_args": "scheduler keyword arguments as key=value items",
+    "lr_scheduler_type": "a scheduler class (module.Class; bare names from torch.optim.lr_scheduler)",
+    "save_precision": "dtype of saved weights (default: as trained)",
+    "save_model_as": "safetensors (other sd-scripts values are accepted and saved as safetensors)",
+    "resume": "training-state folder to resume from", "save_clip": "include CLIP-L/G in saved checkpoints",
+    "save_t5xxl": "include T5-XXL in saved checkpoints", "sample_prompts": "prompt file (.txt, .toml or .json)",
+    "sample_shift": "flow shift of the sample images (default: the model's)",
+}
+
+
+def steps_value(text: str) -> int | float | str:
+    """``--lr_warmup_steps`` forms: ``100``, ``0.05`` or ``"5%"`` (kept raw until the total is known)."""
+    value = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    try:
+        float(value[:-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count, a ratio < 1 or 'N%', got {text!r}") from None
+    if not value.endswith("%"):
+        raise argparse.ArgumentTypeError(f"expected a step count, a ratio < 1 or 'N%', got {text!r}")
+    return value
+
+
+def _argument_options(hint: Any, default: Any) -> dict[str, Any]:
+    """argparse keywords for a config field of type ``hint``."""
+    if hint is bool:
+        return {"action": "store_true"}
+    if typing.get_origin(hint) is tuple:
+        return {"nargs": "*", "default": default}
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    if len(kinds) > 1:
+        return {"type": steps_value, "default": default}
+    return {"type": kinds[0], "default": default}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field not defined yet (model/data/cache flags come first)."""
+    known = {option[2:] for option in p._option_string_actions}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        group = None
+        for f in dataclasses.fields(cls):
+            if f.name in known:
+                continue
+            group = group or p.add_argument_group(GROUP_TITLES[section])
+            options = _argument_options(hints[f.name], f.default)
+            if f.name in CHOICES:
+                options["choices"] = SAVE_MODEL_AS if f.name == "save_model_as" else CHOICES[f.name]
+            help_text = HELP.get(f.name, "")
+            if not options.get("action") and f.default not in (None, ()) and "default" not in help_text:
+                help_text += f" (default {f.default})"
+            names = [f"--{f.name}", *(f"--{alias}" for alias in ALIASES.get(f.name, ()))]
+            group.add_argument(*names, help=help_text.strip() or None, **options)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).")
+    p.add_argument("--config_file", help="TOML of flag names (flat or in [sections]); command-line flags override it")
+    p.add_argument("--output_config", action="store_true",
+                   help="write the resolved flags to --config_file and stop (an existing file is not overwritten)")
+    add_model_flags(p)
+    add_dataset_flags(p)
+    add_cache_flags(p)
+    add_config_flags(p)
+    add_ignored_flags(p)
+    return p
+
+
+def _parse_known(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """parse_args, but an unknown flag's error (exit 2) names the nearest valid flag."""
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [o for o in parser._option_string_actions if o.startswith("--")]
+        hints = []
+        for arg in unknown:
+            near = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)
+            hints.append(f"{arg} (did you mean {near[0]}?)" if near and arg.startswith("--") else arg)
+        parser.error(f"unrecognized arguments: {' '.join(hints)}")
+    return ns
+
+
+def run_config(ns: argparse.Namespace) -> RunConfig:
+    """The frozen config of parsed flags (each section's fields by flag name)."""
+    parts = {}
+    for section, cls in SECTIONS.items():
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(ns, f.name)
+            if isinstance(value, (list, tuple)):
+                value = tuple(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            values[f.name] = value
+        if section == "save":
+            values["save_model_as"] = "safetensors"  # other sd-scripts formats get a notice
+        parts[section] = cls(**values)
+    return RunConfig(**parts)
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    """Parse the trainer's flags once: ``--config_file`` values first, the command line over them.
+
+    Logs one warning per sd-scripts flag that has no effect here. With ``--output_config`` the file is
+    not read (it is the output: see :func:`write_output_config`). Unknown flags exit 2 (argparse);
+    problems in the config file or in values raise :class:`UserError`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = train_parser()
+    ns = _parse_known(parser, argv)
+    if ns.output_config and not ns.config_file:
+        raise UserError("--output_config needs --config_file PATH (the file to write)")
+    if ns.config_file and not ns.output_config:
+        file_argv = config_file.read_config_file(config_file.config_path(ns.config_file), train_parser())
+        ns = _parse_known(parser, [*file_argv, *argv])
+    for notice in ignored_flag_notices(ns):
+        logger.warning(notice)
+    return run_config(ns), ns
+
+
+def data_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The dataset/cache flags that were set (not part of :class:`RunConfig`), for a config file."""
+    skip = {*RunConfig.flag_names(), *IGNORED_FLAGS, *config_file.NOT_IN_FILES}
+    values = {}
+    for name, value in vars(ns).items():
+        if name in skip or value is None:
+            continue
+        values[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def write_output_config(cfg: RunConfig, ns: argparse.Namespace) -> Path:
+    """``--output_config``: the resolved flags as a sectioned TOML at the ``--config_file`` path."""
+    path = config_file.config_path(ns.config_file)
+    tables = {**cfg.to_toml_dict(sections=True), "data": data_flags(ns)}
+    written = config_file.write_config_file(path, tables)
+    logger.info("wrote %s", written)
+    return written
