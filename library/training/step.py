@@ -9,7 +9,7 @@ whole encoders per sample) or from live encoders for trainers that train them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
@@ -62,12 +62,18 @@ def batch_encoder_outputs(
 ) -> EncoderOutputs:
     """Per-encoder outputs of the batch's captions: from the cache (dropped captions -> empty prompt)
     or from live encoders (which see ``""`` for a dropped caption anyway)."""
+    cached = None
     if batch.text is not None:
         text = batch.text if empty_text is None else substitute_dropped(batch.text, batch.captions, empty_text)
-        return encoder_outputs_from_cache(text)
+        cached = encoder_outputs_from_cache(text)
+        if cached.clip_l is not None or encode_text is None:
+            return cached
     if encode_text is None:
         raise RuntimeError("captions are not cached and no text encoder was given")
-    return encode_text(batch.captions)
+    live = encode_text(batch.captions)
+    if cached is None:
+        return live
+    return replace(live, t5=cached.t5, t5_mask=cached.t5_mask)  # --use_t5xxl_cache_only: CLIP live, T5 cached
 
 
 def conditioning(

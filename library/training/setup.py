@@ -1,0 +1,126 @@
+"""From the typed run config to the objects a run needs: math specs, models, data, optimizer, scheduler."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.config import RunConfig
+from library.errors import UserError
+from library.flow.loss import LossSpec
+from library.flow.timesteps import TimestepSpec
+from library.flow.weighting import resolve_weighting_scheme
+from library.models.loading import load_mmdit
+from library.models.mmdit import MMDiT
+from library.models.prompt_encoding import TextLayout, layout_from_encoders
+from library.models.text_encoders import TextEncoders, load_text_encoders
+from library.models.tokenizers import Tokenizers, load_tokenizers
+from library.models.vae import SD3VAE, load_vae
+from library.training.caching import file_identity, identity_of
+from library.training.optimizers import build_optimizer, parse_optimizer_args
+from library.training.schedulers import SchedulerConfig, build_scheduler, parse_scheduler_args
+from library.training.step import StepSettings
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def step_settings(cfg: RunConfig) -> StepSettings:
+    """The flow-matching math of a run (DESIGN §4), from --weighting_scheme and friends."""
+    flow = cfg.flow
+    try:
+        sampling, weighting = resolve_weighting_scheme(flow.weighting_scheme, flow.timestep_sampling, flow.loss_weighting)
+        timesteps = TimestepSpec(sampling=sampling, shift=flow.training_shift, logit_mean=flow.logit_mean,
+                                 logit_std=flow.logit_std, mode_scale=flow.mode_scale,
+                                 min_timestep=flow.min_timestep, max_timestep=flow.max_timestep)
+        loss = LossSpec(objective=flow.model_prediction_type, loss_type=flow.loss_type, weighting=weighting,
+                        huber_c=flow.huber_c, huber_scale=flow.huber_scale, huber_schedule=flow.huber_schedule)
+    except ValueError as exc:
+        raise UserError(f"training math flags: {exc}") from None
+    return StepSettings(timesteps=timesteps, loss=loss, masked_loss=flow.masked_loss,
+                        clip_l_dropout_rate=cfg.train.clip_l_dropout_rate,
+                        clip_g_dropout_rate=cfg.train.clip_g_dropout_rate, t5_dropout_rate=cfg.train.t5_dropout_rate,
+                        t5_max_length=cfg.model.t5xxl_max_token_length,
+                        apply_lg_attn_mask=cfg.model.apply_lg_attn_mask, apply_t5_attn_mask=cfg.model.apply_t5_attn_mask)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_seed(cfg: RunConfig) -> int:
+    return cfg.train.seed if cfg.train.seed is not None else random.randint(0, 2**31 - 1)
+
+
+def weight_dtypes(cfg: RunConfig, device: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype of trained modules, autocast dtype or None)."""
+    precision = _PRECISIONS.get(cfg.train.mixed_precision)
+    if precision is None:
+        raise UserError(f"--mixed_precision {cfg.train.mixed_precision!r}: choose no, fp16 or bf16")
+    if precision == torch.float16 and not device.startswith(("cuda", "mps")):
+        raise UserError("--mixed_precision fp16 needs a GPU (fp16 matmuls on a CPU are ~1000x slower); use bf16 or no")
+    autocast = None if precision == torch.float32 else precision
+    weights = torch.bfloat16 if cfg.train.full_bf16 and precision == torch.bfloat16 else torch.float32
+    if cfg.train.full_bf16 and precision != torch.bfloat16:
+        raise UserError("--full_bf16 needs --mixed_precision bf16")
+    return weights, autocast
+
+
+@dataclass
+class Models:
+    mmdit: MMDiT
+    vae: SD3VAE | None
+    encoders: TextEncoders | None
+    tokenizers: Tokenizers
+    layout: TextLayout
+    checkpoint: Path
+
+
+def load_models(cfg: RunConfig, device: str, weights: torch.dtype) -> Models:
+    m = cfg.model
+    if not m.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (an SD3 / SD3.5 .safetensors file)")
+    ckpt = Path(m.pretrained_model_name_or_path)
+    mmap = not m.disable_mmap_load_safetensors
+    mmdit = load_mmdit(ckpt, dtype=weights, device=device, mmap=mmap)
+    mmdit.pos_emb_random_crop_rate = m.pos_emb_random_crop_rate
+    encoders = load_text_encoders(ckpt, m.clip_l, m.clip_g, m.t5xxl, dtype=weights, device=device, mmap=mmap)
+    tokenizers = load_tokenizers(m.tokenizer_cache_dir, t5_max_length=m.t5xxl_max_token_length)
+    vae = load_vae(m.vae or ckpt, dtype=torch.float32, device=device, mmap=mmap)
+    layout = replace(layout_from_encoders(encoders), context_dim=mmdit.config.context_dim)
+    return Models(mmdit, vae, encoders, tokenizers, layout, ckpt)
+
+
+def identities(cfg: RunConfig, ckpt: Path) -> tuple[str, str]:
+    """(VAE identity, text-encoder identity) recorded in the caches."""
+    m = cfg.model
+    vae = file_identity(m.vae or ckpt, "fp32")
+    text = identity_of(clip_l=file_identity(m.clip_l or ckpt), clip_g=file_identity(m.clip_g or ckpt),
+                       t5=file_identity(m.t5xxl or ckpt), dtype=cfg.train.mixed_precision)
+    return vae, text
+
+
+def optimizer_and_scheduler(cfg: RunConfig, groups: list[dict], total_steps: int):
+    o = cfg.optimizer
+    optimizer = build_optimizer(o.optimizer_type, groups, cfg.train.learning_rate, parse_optimizer_args(o.optimizer_args),
+                                max_grad_norm=cfg.train.max_grad_norm)
+    sched_cfg = SchedulerConfig(name=o.lr_scheduler, warmup_steps=o.lr_warmup_steps, decay_steps=o.lr_decay_steps,
+                                num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power,
+                                min_lr_ratio=o.lr_scheduler_min_lr_ratio, timescale=o.lr_scheduler_timescale,
+                                args=parse_scheduler_args(o.lr_scheduler_args), scheduler_type=o.lr_scheduler_type)
+    return optimizer, build_scheduler(optimizer, sched_cfg, total_steps)
+
+
+def make_work_dir() -> Path:
+    """A per-run folder for caches that are not kept beside the images (removed by the OS's temp policy)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="sd3_trainer_cache_"))
