@@ -123,6 +123,7 @@ def run_loop(
     params = [p for p in trainable.parameters() if p.requires_grad]
     trainable.train()
     started = time.perf_counter()
+    bar = _progress(accelerator, settings.max_train_steps, state.global_step)
     while state.global_step < settings.max_train_steps:
         epoch = state.position.epoch
         batches = epoch_batches(data, epoch, rank, world)
@@ -143,18 +144,33 @@ def run_loop(
                 state.global_step += 1
                 loss = float(result.loss.detach())
                 state.loss_history.append(loss)
-                hooks.on_step_end(state, loss, scheduler.get_last_lr()[0])
+                lr = scheduler.get_last_lr()[0]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average_loss(state.loss_history):.4f}", lr=f"{lr:.2e}")
+                hooks.on_step_end(state, loss, lr)
                 if state.global_step >= settings.max_train_steps:
                     break
         if state.global_step >= settings.max_train_steps and state.position.batch_index < len(batches):
             break
         state.position = DataPosition(epoch + 1, 0)
         hooks.on_epoch_end(state, epoch + 1)
+    if bar is not None:
+        bar.close()
     elapsed = time.perf_counter() - started
     logger.info("trained %d steps in %.1f s (%.2f s/step)", state.global_step, elapsed,
                 elapsed / max(1, state.global_step))
     hooks.on_train_end(state)
     return state
+
+
+def _progress(accelerator, total: int, done: int):
+    """A tqdm bar on the local main process (steps, s/it, loss, average loss, lr); None elsewhere."""
+    if not accelerator.is_local_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="steps", dynamic_ncols=True, smoothing=0.1)
 
 
 def average_loss(history: list[float], window: int = 50) -> float:

@@ -92,9 +92,8 @@ def resolve_steps(value: int | float | str | None, total_steps: int, name: str) 
         steps = int(number)
     else:
         raise UserError(f"{name}={value!r}: give a whole step count or a ratio < 1")
-    if steps > total_steps:  # legal in sd-scripts (the lr just never finishes ramping): say so, go on
-        logger.warning("%s=%s is longer than the %d training steps: the schedule never completes", name, value,
-                       total_steps)
+    if steps > total_steps:  # legal in sd-scripts (the lr never finishes ramping): say so and go on
+        logger.warning("%s=%s is longer than the %d training steps: the schedule never completes", name, value, total_steps)
     return steps
 
 
