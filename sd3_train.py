@@ -34,7 +34,7 @@ def _run(argv: list[str] | None) -> None:
 
     cache = data_flags.cache_options(ns, t5_max_length=cfg.model.t5xxl_max_token_length,
                                      apply_lg_attn_mask=cfg.model.apply_lg_attn_mask,
-                                     apply_t5_attn_mask=cfg.model.apply_t5_attn_mask, temp_dir=make_work_dir())
+                                     apply_t5_attn_mask=cfg.model.apply_t5_attn_mask, temp_dir=make_work_dir(cfg.save.output_dir))
     final = train_full(cfg, blueprint, cache, vae_batch_size=ns.vae_batch_size,
                        text_batch_size=ns.text_encoder_batch_size or cfg_batch(ns))
     print(f"saved {final}")

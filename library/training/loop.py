@@ -52,6 +52,8 @@ class LoopState:
     position: DataPosition = field(default_factory=DataPosition)
     bad_steps: int = 0
     loss_history: list[float] = field(default_factory=list)
+    samples_seen: int = 0  # this rank, this process (not restored on resume)
+    sample_digest: int = 0  # order-independent digest of the sample ids this rank trained on
 
 
 class LoopHooks:
@@ -129,6 +131,8 @@ def run_loop(
         batches = epoch_batches(data, epoch, rank, world)
         for index in range(state.position.batch_index, len(batches)):
             batch = data.load_batch(batches[index], epoch, step=state.global_step, max_steps=settings.max_train_steps)
+            state.samples_seen += len(batches[index].samples)
+            state.sample_digest ^= _digest(batches[index].samples)
             with accelerator.accumulate(trainable):
                 result = step_fn(batch, generator)
                 if not _finite(result):
@@ -162,6 +166,13 @@ def run_loop(
                 elapsed / max(1, state.global_step))
     hooks.on_train_end(state)
     return state
+
+
+def _digest(samples: tuple[int, ...]) -> int:
+    out = 0
+    for sample in samples:
+        out ^= (sample * 2654435761 + 97) & 0xFFFFFFFF
+    return out
 
 
 def _progress(accelerator, total: int, done: int):

@@ -119,8 +119,13 @@ def optimizer_and_scheduler(cfg: RunConfig, groups: list[dict], total_steps: int
     return optimizer, build_scheduler(optimizer, sched_cfg, total_steps)
 
 
-def make_work_dir() -> Path:
-    """A per-run folder for caches that are not kept beside the images (removed by the OS's temp policy)."""
+def make_work_dir(output_dir: str) -> Path:
+    """The folder for caches not kept beside the images: one per output folder, shared by every process
+    of a run on this machine (so each rank can cache its share), reused by a resumed run."""
+    import hashlib
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="sd3_trainer_cache_"))
+    tag = hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"sd3_trainer_cache_{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

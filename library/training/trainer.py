@@ -101,10 +101,21 @@ class SaveHooks(LoopHooks):
                 prune_outputs(self.out, policy.to_remove_after_epoch(epoch))
 
     def on_train_end(self, state: LoopState) -> None:
-        policy = self.run.policy
+        policy, acc = self.run.policy, self.run.accelerator
+        logger.info("rank %d/%d: trained on %d samples (digest %08x), weights checksum %s", acc.process_index,
+                    acc.num_processes, state.samples_seen, state.sample_digest, _checksum(acc.unwrap_model(self.run.model)))
         self._save_model(checkpoint_name(policy.output_name, ext=policy.ext))
         if policy.save_state or self.run.cfg.save.save_state_on_train_end:
             self.save_state_dir(state_dir_name(policy.output_name, final=True), state)
+
+
+def _checksum(model: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for value in model.state_dict().values():
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _policy(cfg: RunConfig) -> SavePolicy:
