@@ -68,7 +68,6 @@ class SaveHooks(LoopHooks):
                              base_checkpoint_path=self.models.checkpoint, metadata=meta, text_encoders=encoders,
                              save_clip=run.cfg.save.save_clip, save_t5xxl=run.cfg.save.save_t5xxl,
                              dtype=save_dtype(run.cfg.save.save_precision), vae_path=run.cfg.model.vae)
-        logger.info("saved %s", self.out / name)
 
     def save_state_dir(self, name: str, state: LoopState) -> None:
         run = self.run
