@@ -87,7 +87,8 @@ def _bnb(name: str) -> Callable[[], type]:
 
 
 def _dadapt(name: str, port: bool = True) -> Callable[[], type]:
-    original = ("dadaptation.experimental" if name.endswith("IP") else "dadaptation", name, "dadaptation")
+    experimental = name.endswith(("IP", "Preprint"))  # these two live in dadaptation.experimental
+    original = ("dadaptation.experimental" if experimental else "dadaptation", name, "dadaptation")
     ported = (("pytorch_optimizer.optimizer.dadapt", name, "pytorch_optimizer"),) if port else ()
     return _from(original, *ported)
 

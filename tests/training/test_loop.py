@@ -93,6 +93,7 @@ def test_resume_is_bit_identical(setup):
         assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
 def test_clipping_is_one_global_norm():
     from accelerate import Accelerator
 
