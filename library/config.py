@@ -104,6 +104,7 @@ class TrainConfig:
     t5_dropout_rate: float = 0.0
     max_data_loader_n_workers: int = 0  # sd-scripts: 8; workers cost more than they save on cached data
     persistent_data_loader_workers: bool = False
+    ddp_timeout: int | None = None  # minutes (sd-scripts' --ddp_timeout); None: torch's default
 
     def __post_init__(self) -> None:
         _check_choices(self)

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_parser() -> argparse.ArgumentParser:
     from library.cli import data, models
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from library.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     models.add_model_flags(parser)
     data.add_dataset_flags(parser)
     data.add_cache_flags(parser)

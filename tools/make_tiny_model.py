@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,9 @@ from library.models.mmdit_config import VARIANTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from library.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, default="sd35-medium")
     parser.add_argument("--output_dir", required=True, help="folder for the checkpoint, encoders and tokenizers")
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,6 @@ everything is. About two minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -43,7 +42,9 @@ def draw_images(folder: Path, per_concept: int = 6) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from library.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)

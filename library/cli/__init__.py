@@ -6,9 +6,18 @@ flags shared by the trainers and the cache tools), ``models`` (checkpoint and en
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: … (see --help)``) instead of the whole usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
 
 
 def run_command(run: Callable[[], None]) -> int:

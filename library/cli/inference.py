@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from library.cli import ArgumentParser
 from library.cli import models
 from library.errors import UserError
 from library.inference.pipeline import LoadOptions, ModelSources
@@ -67,7 +68,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def inference_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images with an SD3 / SD3.5 checkpoint.")
+    p = ArgumentParser(description="Generate images with an SD3 / SD3.5 checkpoint.")
     _add_model_flags(p)
     _add_sampling_flags(p)
     g = p.add_argument_group("output")

@@ -25,6 +25,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from library.cli import ArgumentParser
 from library.cli import config_file
 from library.cli.compat import IGNORED_FLAGS, SAVE_MODEL_AS, add_ignored_flags, ignored_flag_notices
 from library.cli.data import add_cache_flags, add_dataset_flags
@@ -124,7 +125,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).")
+    p = ArgumentParser(description="Train SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).")
     p.add_argument("--config_file", help="TOML of flag names (flat or in [sections]); command-line flags override it")
     p.add_argument("--output_config", action="store_true",
                    help="write the resolved flags to --config_file and stop (an existing file is not overwritten)")

@@ -42,6 +42,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     seed: int = 0
+    data_workers: int = 0  # DataLoader worker processes preparing batches ahead (0: in this process)
 
 
 @dataclass
@@ -83,6 +84,35 @@ def total_steps(max_train_steps: int | None, max_train_epochs: int | None, per_e
     if not max_train_steps or max_train_steps < 1:
         raise UserError("set --max_train_steps N or --max_train_epochs N (at least 1)")
     return max_train_steps
+
+
+class _EpochView(torch.utils.data.Dataset):
+    """Batches ``start..`` of one epoch as a map-style dataset (what DataLoader workers fetch)."""
+
+    def __init__(self, data: TrainingData, batches: list[Batch], epoch: int, start: int, first_step: int,
+                 settings: LoopSettings) -> None:
+        self.data, self.batches, self.epoch, self.start = data, batches, epoch, start
+        self.first_step, self.settings = first_step, settings
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+    def __getitem__(self, i: int) -> BatchData:
+        step = self.first_step + i // self.settings.gradient_accumulation_steps  # for caption token warm-up
+        return self.data.load_batch(self.batches[self.start + i], self.epoch, step=step,
+                                    max_steps=self.settings.max_train_steps)
+
+
+def _loaded_batches(view: _EpochView, workers: int) -> Iterator[BatchData]:
+    if workers <= 0:
+        return (view[i] for i in range(len(view)))
+    loader = torch.utils.data.DataLoader(view, batch_size=None, shuffle=False, num_workers=workers,
+                                         collate_fn=_identity)
+    return iter(loader)
+
+
+def _identity(batch: BatchData) -> BatchData:
+    return batch
 
 
 def _finite(result: StepResult) -> bool:
@@ -129,8 +159,9 @@ def run_loop(
     while state.global_step < settings.max_train_steps:
         epoch = state.position.epoch
         batches = epoch_batches(data, epoch, rank, world)
-        for index in range(state.position.batch_index, len(batches)):
-            batch = data.load_batch(batches[index], epoch, step=state.global_step, max_steps=settings.max_train_steps)
+        start = state.position.batch_index
+        view = _EpochView(data, batches, epoch, start, state.global_step, settings)
+        for index, batch in zip(range(start, len(batches)), _loaded_batches(view, settings.data_workers)):
             state.samples_seen += len(batches[index].samples)
             state.sample_digest ^= _digest(batches[index].samples)
             with accelerator.accumulate(trainable):

@@ -234,7 +234,8 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     seed = setup.run_seed(cfg)
     setup.seed_everything(seed)
     wants_cpu = (cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    accelerator = Accelerator(cpu=wants_cpu, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+    accelerator = Accelerator(cpu=wants_cpu, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                              kwargs_handlers=_ddp_handlers(cfg))
     device = accelerator.device
     weights, autocast = setup.weight_dtypes(cfg, device.type)
     models = setup.load_models(cfg, str(device), weights)
@@ -261,7 +262,7 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch * cfg.train.gradient_accumulation_steps)
     hooks = SaveHooks(run, models)
     settings = LoopSettings(total, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm,
-                            cfg.train.max_bad_steps, seed)
+                            cfg.train.max_bad_steps, seed, cfg.train.max_data_loader_n_workers)
     try:
         run_loop(accelerator, model, data, _step_fn(run, models, cache, empty, autocast), optimizer, scheduler,
                  settings, state, generator, hooks)
@@ -274,6 +275,16 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
         raise UserError(f"interrupted at step {state.global_step}; resume with --resume "
                         f"{Path(cfg.save.output_dir) / name}") from None
     return Path(cfg.save.output_dir) / checkpoint_name(run.policy.output_name, ext=run.policy.ext)
+
+
+def _ddp_handlers(cfg: RunConfig) -> list:
+    if not cfg.train.ddp_timeout:
+        return []
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.train.ddp_timeout))]
 
 
 def _settings_meta(cfg: RunConfig, seed: int, total: int, data) -> dict:

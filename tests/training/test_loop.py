@@ -129,3 +129,15 @@ def test_nan_guard_skips_then_stops(setup):
         run_loop(acc, model, data, nan_step, opt, sched, LoopSettings(5, 1, max_bad_steps=3), LoopState(),
                  torch.Generator().manual_seed(0))
     assert len(calls) == 3
+
+
+def test_dataloader_workers_give_the_same_run(setup):
+    files, data, encoders = setup
+    results = []
+    for workers in (0, 1):
+        acc, model, opt, sched, step_fn = _parts(files, data, encoders)
+        run_loop(acc, model, data, step_fn, opt, sched, LoopSettings(4, 2, data_workers=workers), LoopState(),
+                 torch.Generator().manual_seed(2))
+        results.append(copy.deepcopy(model.state_dict()))
+    for key, value in results[0].items():
+        assert torch.equal(value, results[1][key]), key
