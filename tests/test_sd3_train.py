@@ -72,6 +72,16 @@ def test_seed_card_command_trains_and_saves(tiny_models, tmp_path, optimizer, ca
     assert changed  # the weights were trained
     clip_trained = load_text_encoders(final).clip_l
     assert clip_trained is not None
+    from diffusers import SD3Transformer2DModel
+
+    from library.models.mmdit_config import to_diffusers_config
+
+    config_dir = tmp_path / "diffusers_config"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(json.dumps(to_diffusers_config(trained.config)))
+    theirs = SD3Transformer2DModel.from_single_file(str(final), config=str(config_dir), local_files_only=True)
+    ours_w = trained.joint_blocks[0].x_block.attn.qkv.weight[: trained.config.hidden_size].float()
+    assert torch.equal(theirs.transformer_blocks[0].attn.to_q.weight.float(), ours_w)  # the trained weights
 
 
 def _plain(files, root: Path, steps: int, *extra: str) -> list[str]:
@@ -113,3 +123,12 @@ def test_bad_input_is_one_line(tiny_models, tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)
     assert not (tmp_path / "out" / "m.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_schedule_free_optimizer_saves_in_eval_mode(tiny_models, tmp_path):
+    files = tiny_models("sd3-medium")
+    argv = _plain(files, tmp_path, 3, "--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "constant",
+                  "--lr_warmup_steps", "0", "--save_every_n_steps", "2")
+    assert sd3_train.main(argv) == 0
+    assert (tmp_path / "out" / "m-step00000002.safetensors").is_file() and (tmp_path / "out" / "m.safetensors").is_file()

@@ -21,6 +21,7 @@ from library.training.checkpoints import (
     save_dtype, save_full_checkpoint, state_dir_name,
 )
 from library.training.full_finetune import FullModel, FullTrainSpec, enable_gradient_checkpointing, param_groups
+from library.training.optimizers import optimizer_eval, optimizer_train
 from library.training.loop import LoopHooks, LoopSettings, LoopState, run_loop, steps_per_epoch, total_steps
 from library.training.state import TrainState, capture_rng, load_state, model_signature, restore_rng, save_state
 from library.training.step import batch_encoder_outputs, batch_latents, conditioning, flow_step
@@ -60,6 +61,14 @@ class SaveHooks(LoopHooks):
         run = self.run
         if not run.accelerator.is_main_process:
             return
+        optimizer_eval(run.optimizer)  # schedule-free optimizers hold their averaged weights in eval mode
+        try:
+            self._write_model(name)
+        finally:
+            optimizer_train(run.optimizer)
+
+    def _write_model(self, name: str) -> None:
+        run = self.run
         model = run.accelerator.unwrap_model(run.model)
         encoders = self.models.encoders
         meta = checkpoint_metadata(model.mmdit.config, title=run.cfg.save.metadata_title or run.cfg.save.output_name,
@@ -288,9 +297,18 @@ def _ddp_handlers(cfg: RunConfig) -> list:
 
 
 def _settings_meta(cfg: RunConfig, seed: int, total: int, data) -> dict:
+    """What the saved files record about the run (flags, seed, dataset summary, tag frequencies)."""
     captions: dict[str, list[str]] = {}
+    dirs: dict[str, dict[str, int]] = {}
     for record in data.records:
-        captions.setdefault(str(Path(record.image_path).parent.name), []).append(record.caption)
-    flat = cfg.to_toml_dict() if hasattr(cfg, "to_toml_dict") else {}
-    return {**flat, "seed": seed, "max_train_steps": total, "captions_by_dir": captions,
-            "num_train_images": len(data.records)}
+        folder = str(Path(record.image_path).parent.name)
+        captions.setdefault(folder, []).append(record.caption)
+        entry = dirs.setdefault(folder, {"n_repeats": record.num_repeats, "img_count": 0})
+        entry["img_count"] += 1
+    buckets = {f"{w}x{h}": n for (_, (w, h)), n in data.bucket_counts().items()}
+    datasets = [{"resolution": list(spec.resolution), "batch_size": spec.batch_size,
+                 "enable_bucket": spec.buckets.enable_bucket, "subsets": len(spec.subsets)}
+                for spec in data.blueprint.datasets]
+    return {**cfg.to_toml_dict(), "seed": seed, "max_train_steps": total, "captions_by_dir": captions,
+            "num_train_images": len(data.records), "datasets": datasets, "dataset_dirs": dirs,
+            "bucket_info": buckets}
