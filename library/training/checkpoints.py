@@ -278,10 +278,10 @@ def _optimizer_text(settings: Mapping[str, Any]) -> str | None:
     name = settings.get("optimizer_type") or settings.get("optimizer")
     if name is None:
         return None
-    args = settings.get("optimizer_args") or ()
-    if isinstance(args, Mapping):
-        args = [f"{k}={v}" for k, v in args.items()]
-    return f"{name}({','.join(str(a) for a in args)})" if args else str(name)
+    items = settings.get("optimizer_args") or ()
+    if isinstance(items, Mapping):
+        items = [f"{k}={v}" for k, v in items.items()]
+    return f"{name}({','.join(str(a) for a in items)})" if items else str(name)
 
 
 def _model_basename(settings: Mapping[str, Any], key: str) -> str | None:

@@ -151,7 +151,7 @@ def check_optimizer_args(cls: type, args: Mapping[str, Any]) -> dict[str, Any]:
             raise _rejection(cls, key, accepted)
     aliases = KWARG_ALIASES.get(qualified_name(cls), {})
     checked: dict[str, Any] = {}
-    for key, value in args.items():
+    for key, value in dict(args).items():
         target = aliases.get(key, key)
         if target != key:
             if target in args:

@@ -53,7 +53,7 @@ class SchedulerConfig:
     power: float = 1.0
     min_lr_ratio: float | None = None
     timescale: int | None = None
-    args: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # --lr_scheduler_args
     scheduler_type: str | None = None
 
 
@@ -214,7 +214,7 @@ class SchedulePlan:
     min_lr_ratio: float | None
     timescale: int | None
     base_lr: float | None
-    args: Mapping[str, Any]
+    options: Mapping[str, Any]
 
 
 def _absolute_to_ratio(plan: SchedulePlan, key: str, value: float) -> float:
@@ -224,8 +224,8 @@ def _absolute_to_ratio(plan: SchedulePlan, key: str, value: float) -> float:
 
 
 def _make_polynomial(plan: SchedulePlan) -> Multiplier:
-    if "lr_end" in plan.args:
-        end_ratio = _absolute_to_ratio(plan, "lr_end", plan.args["lr_end"])
+    if "lr_end" in plan.options:
+        end_ratio = _absolute_to_ratio(plan, "lr_end", plan.options["lr_end"])
     elif plan.min_lr_ratio is not None:
         end_ratio = plan.min_lr_ratio
     else:
@@ -236,10 +236,10 @@ def _make_polynomial(plan: SchedulePlan) -> Multiplier:
 
 
 def _make_cosine_with_min_lr(plan: SchedulePlan) -> Multiplier:
-    if ("min_lr" in plan.args) == (plan.min_lr_ratio is not None):
+    if ("min_lr" in plan.options) == (plan.min_lr_ratio is not None):
         raise UserError("--lr_scheduler cosine_with_min_lr needs one of --lr_scheduler_min_lr_ratio (e.g. 0.1) "
                         "or --lr_scheduler_args min_lr=<absolute lr>")
-    min_ratio = _absolute_to_ratio(plan, "min_lr", plan.args["min_lr"]) if "min_lr" in plan.args else plan.min_lr_ratio
+    min_ratio = _absolute_to_ratio(plan, "min_lr", plan.options["min_lr"]) if "min_lr" in plan.options else plan.min_lr_ratio
     return partial(cosine, warmup=plan.warmup, total=plan.total, num_cycles=plan.num_cycles / 2, min_ratio=min_ratio)
 
 
@@ -250,8 +250,8 @@ def _make_warmup_stable_decay(plan: SchedulePlan) -> Multiplier:
                         f"{plan.total} training steps")
     if plan.decay == 0:
         logger.warning("warmup_stable_decay with --lr_decay_steps 0 never decays")
-    kinds = {"warmup_type": str(plan.args.get("warmup_type", "linear")),
-             "decay_type": str(plan.args.get("decay_type", "cosine"))}
+    kinds = {"warmup_type": str(plan.options.get("warmup_type", "linear")),
+             "decay_type": str(plan.options.get("decay_type", "cosine"))}
     for (key, kind), shapes in zip(kinds.items(), (_WARMUP_SHAPES, _DECAY_SHAPES)):
         if kind not in shapes:
             raise UserError(f"--lr_scheduler_args {key}={kind!r}: choose one of {', '.join(shapes)}")
@@ -260,15 +260,15 @@ def _make_warmup_stable_decay(plan: SchedulePlan) -> Multiplier:
 
 
 def _make_piecewise_constant(plan: SchedulePlan) -> Multiplier:
-    if "step_rules" not in plan.args:
+    if "step_rules" not in plan.options:
         raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=1:10,0.1:20,0.01")
-    rules, last = parse_step_rules(plan.args["step_rules"])
+    rules, last = parse_step_rules(plan.options["step_rules"])
     return partial(piecewise_constant, rules=rules, last=last)
 
 
 class ScheduleSpec(NamedTuple):
     make: Callable[[SchedulePlan], Multiplier]
-    args: tuple[str, ...] = ()  # the --lr_scheduler_args keys it accepts
+    accepted: tuple[str, ...] = ()  # the --lr_scheduler_args keys it accepts
     warmup: bool = True  # uses --lr_warmup_steps
     decay: bool = False  # uses --lr_decay_steps
 
@@ -278,12 +278,12 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType({
     "constant_with_warmup": ScheduleSpec(lambda p: partial(constant_with_warmup, warmup=p.warmup)),
     "linear": ScheduleSpec(lambda p: partial(linear, warmup=p.warmup, total=p.total)),
     "cosine": ScheduleSpec(lambda p: partial(cosine, warmup=p.warmup, total=p.total,
-                                             num_cycles=float(p.args.get("num_cycles", 0.5))), ("num_cycles",)),
+                                             num_cycles=float(p.options.get("num_cycles", 0.5))), ("num_cycles",)),
     "cosine_with_restarts": ScheduleSpec(
         lambda p: partial(cosine_with_restarts, warmup=p.warmup, total=p.total, num_cycles=p.num_cycles)),
     "polynomial": ScheduleSpec(_make_polynomial, ("lr_end",)),
     "inverse_sqrt": ScheduleSpec(lambda p: partial(inverse_sqrt, warmup=p.warmup, timescale=int(
-        p.args.get("timescale") or p.timescale or p.warmup or 10_000)), ("timescale",)),
+        p.options.get("timescale") or p.timescale or p.warmup or 10_000)), ("timescale",)),
     "cosine_with_min_lr": ScheduleSpec(_make_cosine_with_min_lr, ("min_lr",)),
     "warmup_stable_decay": ScheduleSpec(_make_warmup_stable_decay, ("warmup_type", "decay_type"), decay=True),
     "piecewise_constant": ScheduleSpec(_make_piecewise_constant, ("step_rules",), warmup=False),
@@ -319,7 +319,7 @@ def build_scheduler(
     decay = resolve_steps(cfg.decay_steps, total_steps, "--lr_decay_steps")
     if cfg.scheduler_type:
         _no_warmup(f"--lr_scheduler_type {cfg.scheduler_type}", warmup)
-        return build_class_scheduler(optimizer, cfg.scheduler_type, dict(cfg.args))
+        return build_class_scheduler(optimizer, cfg.scheduler_type, dict(cfg.options))
     base, _, initial_lr = cfg.name.partition(":")
     if base == ADAFACTOR or _adafactor_relative_step(optimizer):
         if base != ADAFACTOR:
@@ -331,9 +331,9 @@ def build_scheduler(
     if cfg.name not in SCHEDULES:
         raise _unknown("--lr_scheduler", cfg.name, SCHEDULER_NAMES)
     spec = SCHEDULES[cfg.name]
-    for key in cfg.args:
-        if key not in spec.args:
-            raise _unknown(f"--lr_scheduler_args key for {cfg.name}:", key, spec.args)
+    for key in cfg.options:
+        if key not in spec.accepted:
+            raise _unknown(f"--lr_scheduler_args key for {cfg.name}:", key, spec.accepted)
     if not spec.warmup:
         _no_warmup(f"--lr_scheduler {cfg.name}", warmup)
     if decay and not spec.decay:
@@ -342,7 +342,7 @@ def build_scheduler(
         raise UserError(f"--lr_scheduler_min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     plan = SchedulePlan(warmup=warmup, decay=decay, total=total_steps, num_cycles=float(cfg.num_cycles),
                         power=float(cfg.power), min_lr_ratio=cfg.min_lr_ratio, timescale=cfg.timescale,
-                        base_lr=optimizer.defaults.get("lr"), args=cfg.args)
+                        base_lr=optimizer.defaults.get("lr"), options=cfg.options)
     return LambdaLR(optimizer, spec.make(plan))
 
 

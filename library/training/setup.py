@@ -115,7 +115,7 @@ def optimizer_and_scheduler(cfg: RunConfig, groups: list[dict], total_steps: int
     sched_cfg = SchedulerConfig(name=o.lr_scheduler, warmup_steps=o.lr_warmup_steps, decay_steps=o.lr_decay_steps,
                                 num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power,
                                 min_lr_ratio=o.lr_scheduler_min_lr_ratio, timescale=o.lr_scheduler_timescale,
-                                args=parse_scheduler_args(o.lr_scheduler_args), scheduler_type=o.lr_scheduler_type)
+                                options=parse_scheduler_args(o.lr_scheduler_args), scheduler_type=o.lr_scheduler_type)
     return optimizer, build_scheduler(optimizer, sched_cfg, total_steps)
 
 

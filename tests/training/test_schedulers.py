@@ -105,13 +105,13 @@ PARITY = [
     ("constant_with_warmup", {}, {}),
     ("linear", {}, {}),
     ("cosine", {}, {}),
-    ("cosine", {"args": {"num_cycles": 1.5}}, {"num_cycles": 1.5}),
+    ("cosine", {"options": {"num_cycles": 1.5}}, {"num_cycles": 1.5}),
     ("cosine_with_restarts", {"num_cycles": 3}, {"num_cycles": 3}),
     ("polynomial", {}, {}),
     ("polynomial", {"power": 2.0, "args": {"lr_end": 0.2}}, {"power": 2.0, "lr_end": 0.2}),
     ("polynomial", {"power": 0.5, "min_lr_ratio": 0.1}, {"power": 0.5, "lr_end": 0.1}),
     ("inverse_sqrt", {}, {}),
-    ("inverse_sqrt", {"args": {"timescale": 30}}, {"timescale": 30}),
+    ("inverse_sqrt", {"options": {"timescale": 30}}, {"timescale": 30}),
     ("cosine_with_min_lr", {"min_lr_ratio": 0.1}, {"min_lr_rate": 0.1}),
     ("cosine_with_min_lr", {"num_cycles": 3, "min_lr_ratio": 0.2}, {"min_lr_rate": 0.2, "num_cycles": 1.5}),
 ]
@@ -129,7 +129,7 @@ def test_wsd_matches_transformers(decay_type):
     theirs = _lrs(get_wsd_schedule(_sgd(), num_warmup_steps=10, num_stable_steps=TOTAL - 10 - 30, num_decay_steps=30,
                                    decay_type=decay_type, min_lr_ratio=0.05, num_cycles=0.5))
     ours = _ours("warmup_stable_decay", warmup_steps=10, decay_steps=30, min_lr_ratio=0.05,
-                 args={"decay_type": decay_type})
+                 options={"decay_type": decay_type})
     assert ours == pytest.approx(theirs, abs=1e-7, rel=0)
 
 
@@ -138,7 +138,7 @@ def test_diffusers_parity():
 
     rules = "1:10,0.1:20,0.01:50,0.005"
     theirs = _lrs(get_scheduler("piecewise_constant", _sgd(), step_rules=rules))
-    assert _ours("piecewise_constant", args={"step_rules": rules}) == pytest.approx(theirs, abs=1e-7, rel=0)
+    assert _ours("piecewise_constant", options={"step_rules": rules}) == pytest.approx(theirs, abs=1e-7, rel=0)
     theirs = _lrs(get_scheduler("cosine_with_restarts", _sgd(), num_warmup_steps=7, num_training_steps=TOTAL,
                                 num_cycles=2))
     assert _ours("cosine_with_restarts", warmup_steps=7, num_cycles=2) == pytest.approx(theirs, abs=1e-7, rel=0)
@@ -156,7 +156,7 @@ def test_warmup_ratio_percent_and_count_agree(name):
 
 
 def _config_for(name: str) -> SchedulerConfig:
-    extra = {"piecewise_constant": {"args": {"step_rules": "1:2,0.5"}},
+    extra = {"piecewise_constant": {"options": {"step_rules": "1:2,0.5"}},
              "cosine_with_min_lr": {"min_lr_ratio": 0.1}}.get(name, {})
     return SchedulerConfig(name=name, warmup_steps=2 if SCHEDULES[name].warmup else 0, **extra)
 
@@ -212,18 +212,18 @@ def test_adafactor_pairing(caplog):
 
 def test_dotted_class_with_args():
     cfg = SchedulerConfig(scheduler_type="torch.optim.lr_scheduler.StepLR",
-                          args=parse_scheduler_args(["step_size=2", "gamma=0.5"]))
+                          options=parse_scheduler_args(["step_size=2", "gamma=0.5"]))
     scheduler = build_scheduler(_sgd(), cfg, 10)
     assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
     assert _lrs(scheduler, 6) == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
-    assert isinstance(build_scheduler(_sgd(), SchedulerConfig(scheduler_type="StepLR", args={"step_size": 2}), 10),
+    assert isinstance(build_scheduler(_sgd(), SchedulerConfig(scheduler_type="StepLR", options={"step_size": 2}), 10),
                       torch.optim.lr_scheduler.StepLR)
 
 
 def test_dotted_class_errors():
     with pytest.raises(UserError, match=r"'gama'.*did you mean 'gamma'"):
         build_scheduler(_sgd(), SchedulerConfig(scheduler_type="torch.optim.lr_scheduler.StepLR",
-                                                args={"step_size": 2, "gama": 0.5}), 10)
+                                                options={"step_size": 2, "gama": 0.5}), 10)
     with pytest.raises(UserError, match="step_size"):
         build_scheduler(_sgd(), SchedulerConfig(scheduler_type="torch.optim.lr_scheduler.StepLR"), 10)
     with pytest.raises(UserError, match="cannot import"):
@@ -231,7 +231,7 @@ def test_dotted_class_errors():
     with pytest.raises(UserError, match="StepLR"):
         build_scheduler(_sgd(), SchedulerConfig(scheduler_type="torch.optim.lr_scheduler.StepLRR"), 10)
     with pytest.raises(UserError, match="lr_warmup_steps"):
-        build_scheduler(_sgd(), SchedulerConfig(scheduler_type="StepLR", warmup_steps=3, args={"step_size": 2}), 10)
+        build_scheduler(_sgd(), SchedulerConfig(scheduler_type="StepLR", warmup_steps=3, options={"step_size": 2}), 10)
 
 
 # --- flag values and mistakes
@@ -269,9 +269,9 @@ def test_config_mistakes(caplog):
     with pytest.raises(UserError, match="exceed"):
         build_scheduler(_sgd(), SchedulerConfig(name="warmup_stable_decay", warmup_steps=0.6, decay_steps=0.6), 10)
     with pytest.raises(UserError, match="decay_type"):
-        build_scheduler(_sgd(), SchedulerConfig(name="warmup_stable_decay", args={"decay_type": "exp"}), 10)
+        build_scheduler(_sgd(), SchedulerConfig(name="warmup_stable_decay", options={"decay_type": "exp"}), 10)
     with pytest.raises(UserError, match=r"'decaytype'.*did you mean 'decay_type'"):
-        build_scheduler(_sgd(), SchedulerConfig(name="warmup_stable_decay", args={"decaytype": "linear"}), 10)
+        build_scheduler(_sgd(), SchedulerConfig(name="warmup_stable_decay", options={"decaytype": "linear"}), 10)
     with pytest.raises(UserError, match="step_rules"):
         build_scheduler(_sgd(), SchedulerConfig(name="piecewise_constant"), 10)
     with pytest.raises(UserError, match="learning_rate"):
