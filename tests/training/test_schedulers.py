@@ -108,7 +108,7 @@ PARITY = [
     ("cosine", {"options": {"num_cycles": 1.5}}, {"num_cycles": 1.5}),
     ("cosine_with_restarts", {"num_cycles": 3}, {"num_cycles": 3}),
     ("polynomial", {}, {}),
-    ("polynomial", {"power": 2.0, "args": {"lr_end": 0.2}}, {"power": 2.0, "lr_end": 0.2}),
+    ("polynomial", {"power": 2.0, "options": {"lr_end": 0.2}}, {"power": 2.0, "lr_end": 0.2}),
     ("polynomial", {"power": 0.5, "min_lr_ratio": 0.1}, {"power": 0.5, "lr_end": 0.1}),
     ("inverse_sqrt", {}, {}),
     ("inverse_sqrt", {"options": {"timescale": 30}}, {"timescale": 30}),
