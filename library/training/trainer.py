@@ -149,6 +149,8 @@ def _check(cfg: RunConfig, cache: CacheOptions) -> None:
         raise UserError("--fp8_base is for network training (LoRA/LoKr): a full fine-tune updates the base "
                         "weights, which fp8 storage cannot hold; drop the flag or use sd3_train_network.py")
     trains_clip, trains_t5 = cfg.train.train_text_encoder, cfg.train.train_t5xxl
+    if cfg.train.persistent_data_loader_workers:
+        logger.warning("--persistent_data_loader_workers: accepted; workers are started once per epoch here")
     if cache.cache_text_encoder_outputs and (trains_t5 or (trains_clip and "lg" in cache.te_parts)):
         raise UserError("--cache_text_encoder_outputs cannot be used while training the encoders it caches; "
                         "with --train_text_encoder add --use_t5xxl_cache_only, or drop the caching flag")
