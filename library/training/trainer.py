@@ -251,9 +251,7 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     weights, autocast = setup.weight_dtypes(cfg, device.type)
     models = setup.load_models(cfg, str(device), weights)
     vae_id, text_id = setup.identities(cfg, models.checkpoint)
-    from dataclasses import replace
-
-    cache = replace(cache, vae_identity=vae_id, encoder_identity=text_id)
+    cache = dataclasses.replace(cache, vae_identity=vae_id, encoder_identity=text_id)
     data = TrainingData(blueprint, cache, seed=seed)
     empty = _cache(cfg, data, models, cache, accelerator, (vae_batch_size, text_batch_size))
     spec = _spec(cfg)
@@ -263,14 +261,15 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     model = FullModel(models.mmdit, models.encoders if trains_te else None)
     per_epoch = steps_per_epoch(data, accelerator.num_processes, cfg.train.gradient_accumulation_steps)
     total = total_steps(cfg.train.max_train_steps, cfg.train.max_train_epochs, per_epoch)
-    cfg = replace(cfg, train=replace(cfg.train, max_train_steps=total))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_train_steps=total))
     optimizer, scheduler = setup.optimizer_and_scheduler(cfg, groups, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     shapes = {k: tuple(v.shape) for k, v in _trainable_state(accelerator.unwrap_model(model)).items()}
     run = Run(cfg, accelerator, model, optimizer, scheduler, generator, _policy(cfg),
               model_signature(models.mmdit.config, shapes), _settings_meta(cfg, seed, total, data))
-    state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch * cfg.train.gradient_accumulation_steps)
+    per_epoch_batches = per_epoch * cfg.train.gradient_accumulation_steps
+    state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch_batches)
     hooks = SaveHooks(run, models)
     settings = LoopSettings(total, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm,
                             cfg.train.max_bad_steps, seed, cfg.train.max_data_loader_n_workers)
