@@ -1,0 +1,64 @@
+"""``--network_module networks.lora_sd3``: LoRA for SD3 / SD3.5 (sd-scripts-compatible files).
+
+network_args: context_attn_dim, context_mlp_dim, context_mod_dim, x_attn_dim, x_mlp_dim, x_mod_dim
+(0 skips that type), train_block_indices ("0,1,4-5,7" / "all" / "none"), split_qkv, train_t5xxl,
+rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from library.models.safetensors_io import load_safetensors
+from networks.modules import LoRAModule
+from networks.network import SD3Network, build_network, network_from_sd, parse_network_args
+
+KIND = "lora"
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: Any,
+    text_encoders: Any,
+    mmdit: nn.Module | None,
+    neuron_dropout: float | None = None,
+    **network_args: Any,
+) -> SD3Network:
+    """A fresh LoRA (up weights zero, so the models' outputs are unchanged). ``vae`` is unused."""
+    options = parse_network_args(KIND, network_args)
+    return build_network(KIND, multiplier, network_dim or 4, network_alpha, text_encoders, mmdit, options)
+
+
+def _module_from_tensors(name: str, linear: nn.Linear, tensors: Mapping[str, torch.Tensor]) -> LoRAModule:
+    """An empty LoRA module shaped like the file's tensors (filled by ``load_tensors``)."""
+    down = torch.zeros_like(tensors["lora_down.weight"], dtype=torch.float32)
+    up = torch.zeros_like(tensors["lora_up.weight"], dtype=torch.float32)
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+    return LoRAModule(name, linear, [down], [up], alpha)
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | Path | None,
+    vae: Any,
+    text_encoders: Any,
+    mmdit: nn.Module | None,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+) -> SD3Network:
+    """A LoRA shaped like ``file`` (or ``weights_sd``), weights loaded; apply_to() or merge_to() next."""
+    source = str(file) if file is not None else "state dict"
+    if weights_sd is None:
+        weights_sd = load_safetensors(file, what="network file")
+    network = network_from_sd(KIND, _module_from_tensors, multiplier, weights_sd, text_encoders, mmdit, source)
+    if for_inference:
+        network.requires_grad_(False)
+    return network
