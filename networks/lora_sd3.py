@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from library.models.safetensors_io import load_safetensors
 from networks.modules import LoRAModule
-from networks.network import SD3Network, build_network, network_from_sd, parse_network_args
+from networks.loading import network_from_file
+from networks.network import SD3Network, build_network, parse_network_args
 
 KIND = "lora"
 
@@ -55,10 +55,5 @@ def create_network_from_weights(
     **kwargs: Any,
 ) -> SD3Network:
     """A LoRA shaped like ``file`` (or ``weights_sd``), weights loaded; apply_to() or merge_to() next."""
-    source = str(file) if file is not None else "state dict"
-    if weights_sd is None:
-        weights_sd = load_safetensors(file, what="network file")
-    network = network_from_sd(KIND, _module_from_tensors, multiplier, weights_sd, text_encoders, mmdit, source)
-    if for_inference:
-        network.requires_grad_(False)
-    return network
+    return network_from_file(KIND, _module_from_tensors, multiplier, file, weights_sd, text_encoders, mmdit,
+                             for_inference)
