@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from library.errors import UserError
+
 from networks.functional.lokr import (
     LokrTensors, lokr_bake_scalar, lokr_bypass, lokr_rank, lokr_scale, lokr_w1, lokr_w2, merge_lokr,
 )
@@ -136,6 +138,11 @@ class LoRAModule(AdapterModule):
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         n, r = self.num_parts, self.rank
         out_part = up.shape[0] // n
+        if n > 1:
+            mask = torch.block_diag(*[torch.ones(out_part, r, dtype=torch.bool)] * n)
+            if up[~mask].abs().max() > 0:  # a plain qkv LoRA cannot be split without losing its cross terms
+                raise UserError(f"{self.lora_name}: the file's qkv LoRA is not split per q/k/v; "
+                                "load it without split_qkv in --network_args")
         for i in range(n):
             self.lora_down[i].copy_(down[i * r:(i + 1) * r])
             self.lora_up[i].copy_(up[i * out_part:(i + 1) * out_part, i * r:(i + 1) * r])

@@ -251,3 +251,16 @@ def test_bare_safetensors_is_not_a_network(tmp_path, models):
     save_safetensors({"weight": torch.zeros(2, 2)}, path)
     with pytest.raises(UserError, match="not an SD3 LoRA/LoKr"):
         lora_sd3.create_network_from_weights(1.0, path, None, encoders, mmdit)
+
+
+def test_plain_qkv_lora_cannot_load_into_split_qkv(tmp_path):
+    import torch
+
+    from library.errors import UserError
+    from networks.modules import LoRAModule
+
+    linear = torch.nn.Linear(8, 12)
+    split = LoRAModule("lora_unet_x", linear, [torch.zeros(2, 8)] * 3, [torch.zeros(4, 2)] * 3, 2.0)
+    plain = {"lora_down.weight": torch.randn(6, 8), "lora_up.weight": torch.randn(12, 6), "alpha": torch.tensor(6.0)}
+    with pytest.raises(UserError, match="not split per q/k/v"):
+        split.load_tensors(plain)
