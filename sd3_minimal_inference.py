@@ -55,6 +55,11 @@ def _run(ns) -> None:
     sources, options = cli.model_sources(ns), cli.load_options(ns)
     validate_params(replace(defaults, cfg_scale=1.0, shift=1.0))
     models = load_models(sources, options)
+    if ns.lora_weights:
+        from networks.apply import attach_networks
+
+        attach_networks(ns.lora_weights, models.encoders, models.mmdit, merge=ns.merge_lora_weights,
+                        device=options.device)
     job = cli.generation_job(ns, prompts, model_default_params(models.variant, ns.shift, ns.cfg_scale, defaults))
     if ns.interactive:
         _interactive(models, job, run_job)

@@ -143,3 +143,33 @@ def test_fp16_on_cpu_is_refused(tiny_models, tmp_path, capsys):
             "--output_dir", tmp_path]
     code, _, stderr = _run(argv, capsys)
     assert code == 2 and "fp16 needs a GPU" in stderr
+
+
+def test_lora_weights_on_the_fly_equal_merged(tiny_models, tmp_path, capsys):
+    from library.models.loading import load_mmdit
+    from library.models.text_encoders import load_text_encoders
+    from networks import lokr_sd3, lora_sd3
+    from tests.networks.test_network import randomise
+
+    files = tiny_models("sd35-medium")
+    paths = []
+    for module, name, extra in ((lora_sd3, "a", {}), (lokr_sd3, "b", {"factor": "4"})):
+        mmdit, encoders = load_mmdit(files.checkpoint), load_text_encoders(files.checkpoint)
+        network = module.create_network(1.0, 4, 2.0, None, encoders, mmdit, **extra)
+        randomise(network, seed=len(paths) + 1)
+        paths.append(tmp_path / f"{name}.safetensors")
+        network.save_weights(paths[-1])
+    base = ["--ckpt_path", files.checkpoint, "--tokenizer_cache_dir", files.tokenizer_dir, "--prompt", "a cat",
+            "--steps", 3, "--width", 64, "--height", 64, "--seed", 4, "--output_dir", tmp_path / "o"]
+    nets = ["--lora_weights", f"{paths[0]};0.8", f"{paths[1]};1.0"]
+    results = {}
+    for label, extra in (("none", []), ("fly", nets), ("merged", nets + ["--merge_lora_weights"])):
+        out = tmp_path / f"{label}.safetensors"
+        assert _run(base + extra + ["--output_latents", out], capsys)[0] == 0
+        from safetensors.torch import load_file
+
+        results[label] = load_file(str(out))["latents_0000"]
+    assert (results["fly"] - results["merged"]).abs().max().item() <= 1e-4
+    assert (results["fly"] - results["none"]).abs().max().item() > 1e-3  # the networks really act
+    code, _, err = _run(base + ["--lora_weights", f"{files.checkpoint};1.0"], capsys)
+    assert code == 2 and "not an SD3 LoRA/LoKr file" in err

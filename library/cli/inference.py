@@ -44,6 +44,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 weights")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
     g.add_argument("--offload", action="store_true", help="keep idle models on the CPU")
+    g.add_argument("--lora_weights", nargs="*", default=[], help="networks as 'path;multiplier' (LoRA or LoKr)")
+    g.add_argument("--merge_lora_weights", action="store_true", help="fold --lora_weights into the weights")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
