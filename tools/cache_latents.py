@@ -12,7 +12,6 @@ sheet instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def run(ns: argparse.Namespace) -> None:
     from library.cli import models as model_flags
     from library.data.dataset import TrainingData
     from library.models.vae import load_vae
-    from library.training.caching import cache_latents, file_identity
+    from library.training.caching import cache_latents, file_identity, process_shard, summary_lines
 
     blueprint = data_flags.dataset_blueprint(ns)
     if ns.debug_dataset:
@@ -59,19 +58,15 @@ def run(ns: argparse.Namespace) -> None:
     options = dataclasses.replace(options, cache_latents=True, cache_dir=None)  # this tool writes beside images
     data = TrainingData(blueprint, options, seed=ns.seed or 0)
     vae = load_vae(vae_source, dtype=vae_dtype, device=dev, mmap=not ns.disable_mmap_load_safetensors)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    summary = cache_latents(data, vae, batch_size=ns.vae_batch_size, shard=(rank, world))
-    failed = {**dict(data.skipped), **summary.failed}
-    print(f"latents: {summary.encoded} encoded, {summary.reused} up to date, {len(failed)} failed")
-    for path, reason in failed.items():
-        print(f"  skipped {path}: {reason}")
-
+    summary = cache_latents(data, vae, batch_size=ns.vae_batch_size, shard=process_shard())
+    print("\n".join(summary_lines("latents", data, summary)))
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli import run_command
 
     ns = build_parser().parse_args(argv)
     return run_command(lambda: run(ns))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def run(ns: argparse.Namespace) -> None:
     from library.data.dataset import TrainingData
     from library.models.text_encoders import load_text_encoders
     from library.models.tokenizers import load_tokenizers
-    from library.training.caching import cache_text_outputs, file_identity, identity_of
+    from library.training.caching import cache_text_outputs, file_identity, identity_of, process_shard, summary_lines
 
     blueprint = data_flags.dataset_blueprint(ns)
     ckpt = model_flags.checkpoint_path(ns)
@@ -54,20 +53,16 @@ def run(ns: argparse.Namespace) -> None:
     encoders = load_text_encoders(ckpt, ns.clip_l, ns.clip_g, ns.t5xxl, dtype=dtype, device=dev,
                                   mmap=not ns.disable_mmap_load_safetensors)
     tokenizers = load_tokenizers(ns.tokenizer_cache_dir, t5_max_length=ns.t5xxl_max_token_length)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     batch = ns.text_encoder_batch_size or 8
-    summary = cache_text_outputs(data, encoders, tokenizers, batch_size=batch, shard=(rank, world))
-    failed = {**dict(data.skipped), **summary.failed}
-    print(f"text-encoder outputs: {summary.encoded} encoded, {summary.reused} up to date, {len(failed)} failed")
-    for path, reason in failed.items():
-        print(f"  skipped {path}: {reason}")
-
+    summary = cache_text_outputs(data, encoders, tokenizers, batch_size=batch, shard=process_shard())
+    print("\n".join(summary_lines("text-encoder outputs", data, summary)))
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli import run_command
 
     ns = build_parser().parse_args(argv)
     return run_command(lambda: run(ns))
+
 
 if __name__ == "__main__":
     sys.exit(main())

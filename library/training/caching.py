@@ -122,6 +122,18 @@ def cache_text_outputs(data: TrainingData, encoders: TextEncoders, tokenizers: T
     return summary
 
 
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch`` / torchrun, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def summary_lines(what: str, data: TrainingData, summary: CacheSummary) -> list[str]:
+    """What a cache tool prints: counts, then each skipped image with its reason."""
+    failed = {**dict(data.skipped), **summary.failed}
+    lines = [f"{what}: {summary.encoded} encoded, {summary.reused} up to date, {len(failed)} failed"]
+    return lines + [f"  skipped {path}: {reason}" for path, reason in failed.items()]
+
+
 def _report(what: str, summary: CacheSummary) -> None:
     logger.info("cached %s: %d encoded, %d reused, %d failed", what, summary.encoded, summary.reused, len(summary.failed))
     for path, reason in list(summary.failed.items())[:20]:
