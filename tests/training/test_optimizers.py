@@ -70,9 +70,10 @@ def _assert_stepped(name: str, args: dict[str, Any] | None = None, lr: float = 1
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_registry_name_builds_and_steps(name: str) -> None:
     if name in NEEDS_DADAPTATION and importlib.util.find_spec("dadaptation") is None:
+        # requirements-test.txt installs dadaptation; without it, the promised error is what we check
         with pytest.raises(UserError, match="pip install dadaptation"):
             resolve_optimizer_class(name)
-        pytest.skip(f"{name}: the dadaptation package is not installed here (no pytorch_optimizer port)")
+        return
     optimizer = _assert_stepped(name, ARGS.get(name), lr=_lr_for(name))
     assert isinstance(optimizer, torch.optim.Optimizer)
 
