@@ -73,6 +73,7 @@ class ModelConfig:
     pos_emb_random_crop_rate: float = 0.0
     enable_scaled_pos_embed: bool = False
     fp8_base: bool = False
+    fp8_base_unet: bool = False
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -220,10 +221,48 @@ class LogConfig:
         _check_choices(self)
 
 
+@dataclass(frozen=True)
+class NetworkConfig:
+    """sd3_train_network.py only: the LoRA/LoKr and how it is trained (sd-scripts' train_network flags)."""
+
+    network_module: str | None = None
+    network_dim: int | None = None
+    network_alpha: float = 1.0
+    network_dropout: float | None = None
+    network_args: tuple[str, ...] = ()
+    network_weights: str | None = None
+    dim_from_weights: bool = False
+    network_multiplier: float = 1.0
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    unet_lr: float | None = None
+    text_encoder_lr: tuple[float, ...] = ()
+    base_weights: tuple[str, ...] = ()
+    base_weights_multiplier: tuple[float, ...] = ()
+    scale_weight_norms: float | None = None
+    no_metadata: bool = False
+    training_comment: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("network_dim", self.network_dim)
+        _check_positive("unet_lr", self.unet_lr, allow_zero=True)
+        _check_positive("scale_weight_norms", self.scale_weight_norms)
+        if self.network_dropout is not None:
+            _check_rate("network_dropout", self.network_dropout)
+        _check(len(self.text_encoder_lr) <= 3, f"--text_encoder_lr takes 1 to 3 values (CLIP-L, CLIP-G, T5), "
+               f"got {len(self.text_encoder_lr)}")
+        _check(all(v >= 0 for v in self.text_encoder_lr), "--text_encoder_lr values must be >= 0")
+        _check(not (self.network_train_unet_only and self.network_train_text_encoder_only),
+               "--network_train_unet_only and --network_train_text_encoder_only exclude each other: pick one")
+        _check(len(self.base_weights_multiplier) in (0, len(self.base_weights)),
+               f"--base_weights_multiplier needs one value per --base_weights file ({len(self.base_weights)})")
+
+
 SECTIONS: Mapping[str, type] = types.MappingProxyType({
     "model": ModelConfig, "train": TrainConfig, "flow": FlowConfig, "optimizer": OptimizerConfig,
-    "save": SaveConfig, "sample": SampleConfig, "log": LogConfig,
+    "save": SaveConfig, "sample": SampleConfig, "log": LogConfig, "network": NetworkConfig,
 })
+NETWORK_ONLY = ("network",)  # sections whose flags only sd3_train_network.py offers
 
 
 @dataclass(frozen=True)
@@ -237,6 +276,7 @@ class RunConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    network: NetworkConfig | None = None  # set for network training only
 
     @staticmethod
     def flag_names() -> tuple[str, ...]:
@@ -245,7 +285,7 @@ class RunConfig:
 
     def to_toml_dict(self, sections: bool = False) -> dict[str, Any]:
         """Flag name -> value (None left out, tuples as lists); ``sections=True`` nests them per section."""
-        nested = {name: _section_dict(getattr(self, name)) for name in SECTIONS}
+        nested = {name: _section_dict(getattr(self, name)) for name in SECTIONS if getattr(self, name) is not None}
         return nested if sections else {k: v for part in nested.values() for k, v in part.items()}
 
     @classmethod
@@ -264,7 +304,8 @@ class RunConfig:
             hints = typing.get_type_hints(section)
             values = {f.name: _coerce(f.name, hints[f.name], flat[f.name])
                       for f in dataclasses.fields(section) if f.name in flat}
-            parts[name] = section(**values)
+            if name not in NETWORK_ONLY or values:
+                parts[name] = section(**values)
         return cls(**parts)
 
 
@@ -309,8 +350,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             except UserError:
                 continue
     elif typing.get_origin(hint) is tuple:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(name, item, v) for v in value)
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     elif hint in (int, str, bool) and type(value) is hint:

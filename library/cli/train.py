@@ -30,7 +30,7 @@ from library.cli import config_file
 from library.cli.compat import IGNORED_FLAGS, SAVE_MODEL_AS, add_ignored_flags, ignored_flag_notices
 from library.cli.data import add_cache_flags, add_dataset_flags
 from library.cli.models import add_model_flags
-from library.config import CHOICES, SECTIONS, RunConfig
+from library.config import CHOICES, NETWORK_ONLY, SECTIONS, RunConfig
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 GROUP_TITLES = {"model": "models (training options)", "train": "training",
                 "flow": "flow matching (timesteps, objective, loss)",
                 "optimizer": "optimizer and lr schedule", "save": "saving, resuming and metadata",
-                "sample": "sample images during training", "log": "logging"}
+                "sample": "sample images during training", "log": "logging",
+                "network": "network (LoRA / LoKr)"}
 ALIASES = {"learning_rate_te1": ("text_encoder_lr1",), "learning_rate_te2": ("text_encoder_lr2",),
            "learning_rate_te3": ("text_encoder_lr3",)}
 HELP = {
@@ -72,6 +73,23 @@ HELP = {
     "resume": "training-state folder to resume from", "save_clip": "include CLIP-L/G in saved checkpoints",
     "save_t5xxl": "include T5-XXL in saved checkpoints", "sample_prompts": "prompt file (.txt, .toml or .json)",
     "sample_shift": "flow shift of the sample images (default: the model's)",
+    "fp8_base_unet": "keep only the frozen MMDiT in float8_e4m3fn (network training)",
+    "network_module": "networks.lora_sd3 or networks.lokr_sd3 (lycoris.kohya with algo=lokr|lora is mapped)",
+    "network_dim": "rank of the network (default 4; LoKr: a huge value or full_matrix=True for full factors)",
+    "network_alpha": "alpha: scale = alpha / rank (default 1)",
+    "network_dropout": "neuron dropout on the down projection's output (training only)",
+    "network_args": "key=value network options (see networks/lora_sd3.py and lokr_sd3.py)",
+    "network_weights": "start from this network file", "dim_from_weights": "take ranks from --network_weights",
+    "network_multiplier": "strength of the network while training (default 1)",
+    "network_train_unet_only": "no modules on the text encoders",
+    "network_train_text_encoder_only": "no modules on the MMDiT",
+    "unet_lr": "MMDiT learning rate (default --learning_rate)",
+    "text_encoder_lr": "1-3 learning rates: CLIP-L [CLIP-G [T5]] (default --learning_rate; 0 freezes)",
+    "base_weights": "network files merged into the base model before training",
+    "base_weights_multiplier": "one multiplier per --base_weights file (default 1)",
+    "scale_weight_norms": "max-norm regularisation of each module's delta weight (e.g. 1.0)",
+    "no_metadata": "write no ss_* metadata into the network file",
+    "training_comment": "free text stored as ss_training_comment",
 }
 
 
@@ -97,17 +115,22 @@ def _argument_options(hint: Any, default: Any) -> dict[str, Any]:
     if hint is bool:
         return {"action": "store_true"}
     if typing.get_origin(hint) is tuple:
-        return {"nargs": "*", "default": default}
+        return {"nargs": "*", "default": default, "type": typing.get_args(hint)[0]}
     kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
     if len(kinds) > 1:
         return {"type": steps_value, "default": default}
     return {"type": kinds[0], "default": default}
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field not defined yet (model/data/cache flags come first)."""
+def _sections(network: bool) -> dict[str, type]:
+    return {name: cls for name, cls in SECTIONS.items() if network or name not in NETWORK_ONLY}
+
+
+def add_config_flags(p: argparse.ArgumentParser, network: bool = False) -> None:
+    """One flag per config field not defined yet (model/data/cache flags come first); the network
+    section's flags only with ``network``."""
     known = {option[2:] for option in p._option_string_actions}
-    for section, cls in SECTIONS.items():
+    for section, cls in _sections(network).items():
         hints = typing.get_type_hints(cls)
         group = None
         for f in dataclasses.fields(cls):
@@ -124,15 +147,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             group.add_argument(*names, help=help_text.strip() or None, **options)
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Train SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).")
+def train_parser(network: bool = False) -> argparse.ArgumentParser:
+    what = "LoRA / LoKr networks for" if network else ""
+    p = ArgumentParser(description=f"Train {what} SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).".replace("  ", " "))
     p.add_argument("--config_file", help="TOML of flag names (flat or in [sections]); command-line flags override it")
     p.add_argument("--output_config", action="store_true",
                    help="write the resolved flags to --config_file and stop (an existing file is not overwritten)")
     add_model_flags(p)
     add_dataset_flags(p)
     add_cache_flags(p)
-    add_config_flags(p)
+    add_config_flags(p, network)
     add_ignored_flags(p)
     return p
 
@@ -150,10 +174,10 @@ def _parse_known(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpar
     return ns
 
 
-def run_config(ns: argparse.Namespace) -> RunConfig:
+def run_config(ns: argparse.Namespace, network: bool = False) -> RunConfig:
     """The frozen config of parsed flags (each section's fields by flag name)."""
     parts = {}
-    for section, cls in SECTIONS.items():
+    for section, cls in _sections(network).items():
         values = {}
         for f in dataclasses.fields(cls):
             value = getattr(ns, f.name)
@@ -168,23 +192,24 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(**parts)
 
 
-def parse_train_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+def parse_train_args(argv: Sequence[str] | None = None,
+                     network: bool = False) -> tuple[RunConfig, argparse.Namespace]:
     """Parse the trainer's flags once: ``--config_file`` values first, the command line over them.
 
     Logs one warning per sd-scripts flag that has no effect here. With ``--output_config`` the file is
     not read (it is the output: see :func:`write_output_config`). Unknown flags exit 2 (argparse);
     problems in the config file or in values raise :class:`UserError`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = train_parser()
+    parser = train_parser(network)
     ns = _parse_known(parser, argv)
     if ns.output_config and not ns.config_file:
         raise UserError("--output_config needs --config_file PATH (the file to write)")
     if ns.config_file and not ns.output_config:
-        file_argv = config_file.read_config_file(config_file.config_path(ns.config_file), train_parser())
+        file_argv = config_file.read_config_file(config_file.config_path(ns.config_file), train_parser(network))
         ns = _parse_known(parser, [*file_argv, *argv])
     for notice in ignored_flag_notices(ns):
         logger.warning(notice)
-    return run_config(ns), ns
+    return run_config(ns, network), ns
 
 
 def data_flags(ns: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,341 @@
+"""The run both trainers share: accelerator, models, caches, data, optimizer, the loop, saving and resume.
+
+What is trained differs (the full model, or a network over a frozen base); that part arrives as a
+:class:`Trainee`. :func:`prepare_run` loads and caches everything a run reads; :func:`train` builds the
+optimizer and scheduler for the trainee, resumes or starts the counters, runs the loop with the save
+hooks, and turns Ctrl-C into a saved state when ``--save_state`` is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from library.config import RunConfig
+from library.data.batching import DataPosition
+from library.data.dataset import CacheOptions, TrainingData
+from library.data.spec import DatasetBlueprint
+from library.errors import UserError
+from library.training import setup
+from library.training.caching import cache_latents, cache_text_outputs, empty_prompt_text, text_encode_fn
+from library.training.checkpoints import (
+    SavePolicy, checkpoint_name, interrupted_state_dir_name, model_extension, prune_outputs, state_dir_name,
+)
+from library.training.loop import LoopHooks, LoopSettings, LoopState, run_loop, steps_per_epoch, total_steps
+from library.training.optimizers import optimizer_eval, optimizer_train
+from library.training.state import TrainState, capture_rng, load_state, model_signature, restore_rng, save_state
+from library.training.step import batch_encoder_outputs, batch_latents, conditioning, flow_step
+
+logger = logging.getLogger(__name__)
+
+
+class Trainee(Protocol):
+    """What a run trains. ``module`` is prepared by accelerate; its forward is the MMDiT's forward."""
+
+    kind: str  # "full", "lora", "lokr": recorded in training states
+    module: torch.nn.Module
+
+    def param_groups(self) -> list[dict]: ...
+
+    def state_tensors(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The trained tensors of the unwrapped ``module`` (what a training state stores)."""
+
+    def write_model(self, path: Path, module: torch.nn.Module, settings: dict) -> None:
+        """Save the trained model file (main process only; ``module`` unwrapped)."""
+
+    def step_hooks(self) -> list[LoopHooks]:
+        """Hooks that run after each optimizer step, before saving (e.g. max-norm regularisation)."""
+
+
+@dataclass
+class Prepared:
+    """Everything a run reads, loaded and cached: the part before the trainee exists."""
+
+    cfg: RunConfig
+    accelerator: object
+    models: setup.Models
+    data: TrainingData
+    cache: CacheOptions
+    empty: object  # encoder outputs of the empty prompt (cached text), or None
+    seed: int
+    autocast: torch.dtype | None
+    total_steps: int
+    per_epoch: int
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    accelerator: object
+    trainee: Trainee
+    model: torch.nn.Module  # trainee.module after accelerator.prepare
+    optimizer: object
+    scheduler: object
+    generator: torch.Generator
+    policy: SavePolicy
+    signature: str
+    settings_meta: dict
+
+
+class ChainHooks(LoopHooks):
+    """Several hooks run in order."""
+
+    def __init__(self, hooks: list[LoopHooks]) -> None:
+        self.hooks = hooks
+
+    def on_step_end(self, state: LoopState, loss: float, lr: float) -> None:
+        for hook in self.hooks:
+            hook.on_step_end(state, loss, lr)
+
+    def on_epoch_end(self, state: LoopState, epoch: int) -> None:
+        for hook in self.hooks:
+            hook.on_epoch_end(state, epoch)
+
+    def on_train_end(self, state: LoopState) -> None:
+        for hook in self.hooks:
+            hook.on_train_end(state)
+
+
+class SaveHooks(LoopHooks):
+    """Model files and training states at the --save_every_n_* points, pruning, and the final save."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.out = Path(run.cfg.save.output_dir)
+
+    def _save_model(self, name: str) -> None:
+        run = self.run
+        if not run.accelerator.is_main_process:
+            return
+        optimizer_eval(run.optimizer)  # schedule-free optimizers hold their averaged weights in eval mode
+        try:
+            run.trainee.write_model(self.out / name, run.accelerator.unwrap_model(run.model), run.settings_meta)
+        finally:
+            optimizer_train(run.optimizer)
+
+    def save_state_dir(self, name: str, state: LoopState) -> None:
+        run = self.run
+        if not run.accelerator.is_main_process:
+            return
+        module = run.accelerator.unwrap_model(run.model)
+        train_state = TrainState(epoch=state.position.epoch, global_step=state.global_step,
+                                 data_position=state.position, model_kind=run.trainee.kind,
+                                 model_signature=run.signature, rng=capture_rng({"step": run.generator}))
+        save_state(self.out / name, state=train_state, model_state=run.trainee.state_tensors(module),
+                   optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+                   extra={"loss_history": torch.tensor(state.loss_history[-1000:])})
+
+    def _save_point(self, state: LoopState, name_args: dict, to_remove: list[str]) -> None:
+        policy = self.run.policy
+        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext, **name_args))
+        if policy.save_state:
+            self.save_state_dir(state_dir_name(policy.output_name, **name_args), state)
+        if self.run.accelerator.is_main_process:
+            prune_outputs(self.out, to_remove)
+
+    def on_step_end(self, state: LoopState, loss: float, lr: float) -> None:
+        policy, step = self.run.policy, state.global_step
+        if step < self.run.cfg.train.max_train_steps and policy.should_save_step(step):
+            self._save_point(state, {"step": step}, policy.to_remove_after_step(step))
+
+    def on_epoch_end(self, state: LoopState, epoch: int) -> None:
+        policy = self.run.policy
+        if state.global_step < self.run.cfg.train.max_train_steps and policy.should_save_epoch(epoch):
+            self._save_point(state, {"epoch": epoch}, policy.to_remove_after_epoch(epoch))
+
+    def on_train_end(self, state: LoopState) -> None:
+        policy, acc = self.run.policy, self.run.accelerator
+        module = acc.unwrap_model(self.run.model)
+        logger.info("rank %d/%d: trained on %d samples (digest %08x), weights checksum %s", acc.process_index,
+                    acc.num_processes, state.samples_seen, state.sample_digest,
+                    _checksum(self.run.trainee.state_tensors(module)))
+        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext))
+        if policy.save_state or self.run.cfg.save.save_state_on_train_end:
+            self.save_state_dir(state_dir_name(policy.output_name, final=True), state)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for value in tensors.values():
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _policy(cfg: RunConfig) -> SavePolicy:
+    s = cfg.save
+    return SavePolicy(output_name=s.output_name, save_every_n_epochs=s.save_every_n_epochs,
+                      save_every_n_steps=s.save_every_n_steps, save_last_n_epochs=s.save_last_n_epochs,
+                      save_last_n_steps=s.save_last_n_steps, save_last_n_epochs_state=s.save_last_n_epochs_state,
+                      save_last_n_steps_state=s.save_last_n_steps_state, save_state=s.save_state,
+                      ext=model_extension(s.save_model_as))
+
+
+def _start_state(cfg: RunConfig, per_epoch_batches: int) -> LoopState:
+    """sd-scripts' --initial_step / --initial_epoch: start the counters (and the data order) there."""
+    step = cfg.save.initial_step or 0
+    if cfg.save.initial_epoch and not step:
+        return LoopState(position=DataPosition(cfg.save.initial_epoch - 1, 0))
+    consumed = step * cfg.train.gradient_accumulation_steps
+    return LoopState(global_step=step, position=DataPosition(*divmod(consumed, max(1, per_epoch_batches))))
+
+
+def _resume(run: Run, directory: str) -> LoopState:
+    loaded = load_state(directory, expected_kind=run.trainee.kind, expected_signature=run.signature)
+    module = run.accelerator.unwrap_model(run.model)
+    missing = [k for k in run.trainee.state_tensors(module) if k not in loaded.model_state]
+    if missing:
+        raise UserError(f"state {directory} lacks {len(missing)} trained tensors (e.g. {missing[0]}); "
+                        "it was saved with other settings of what is trained")
+    module.load_state_dict(loaded.model_state, strict=False)
+    run.optimizer.load_state_dict(loaded.optimizer_state)
+    run.scheduler.load_state_dict(loaded.scheduler_state)
+    restore_rng(loaded.state.rng, {"step": run.generator})
+    history = loaded.extra.get("loss_history")
+    return LoopState(global_step=loaded.state.global_step, position=loaded.state.data_position,
+                     loss_history=[] if history is None else [float(x) for x in history])
+
+
+def _cache(prep_models: setup.Models, data, cache: CacheOptions, accelerator, batch: tuple[int, int],
+           trains_text: bool):
+    """Fill the caches (each rank its share), then free what training no longer needs."""
+    shard = (accelerator.process_index, accelerator.num_processes)
+    empty = None
+    if cache.cache_latents:
+        cache_latents(data, prep_models.vae, batch_size=batch[0], shard=shard)
+    if cache.cache_text_encoder_outputs:
+        cache_text_outputs(data, prep_models.encoders, prep_models.tokenizers, batch_size=batch[1], shard=shard)
+        encode = text_encode_fn(prep_models.encoders, prep_models.tokenizers, t5_max_length=cache.t5_max_length,
+                                apply_t5_attn_mask=cache.apply_t5_attn_mask, parts=cache.te_parts)
+        empty = empty_prompt_text(encode)
+    accelerator.wait_for_everyone()
+    if cache.cache_latents:
+        prep_models.vae = None
+    if cache.cache_text_encoder_outputs and not trains_text:
+        prep_models.encoders = None
+    elif cache.cache_text_encoder_outputs and cache.te_parts == ("t5",):
+        prep_models.encoders = dataclasses.replace(prep_models.encoders, t5xxl=None)  # T5 comes from the cache
+    return empty
+
+
+def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions, *, weights: torch.dtype | None,
+                trains_text: bool, batch_sizes: tuple[int, int] = (1, 8)) -> Prepared:
+    """Seed, accelerator, models (in ``weights``, or the precision's default), caches and data."""
+    from accelerate import Accelerator
+
+    seed = setup.run_seed(cfg)
+    setup.seed_everything(seed)
+    wants_cpu = (cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    accelerator = Accelerator(cpu=wants_cpu, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                              kwargs_handlers=_ddp_handlers(cfg))
+    device = accelerator.device
+    default_weights, autocast = setup.weight_dtypes(cfg, device.type)
+    models = setup.load_models(cfg, str(device), weights or default_weights)
+    vae_id, text_id = setup.identities(cfg, models.checkpoint)
+    cache = dataclasses.replace(cache, vae_identity=vae_id, encoder_identity=text_id)
+    data = TrainingData(blueprint, cache, seed=seed)
+    empty = _cache(models, data, cache, accelerator, batch_sizes, trains_text)
+    per_epoch = steps_per_epoch(data, accelerator.num_processes, cfg.train.gradient_accumulation_steps)
+    total = total_steps(cfg.train.max_train_steps, cfg.train.max_train_epochs, per_epoch)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_train_steps=total))
+    return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch)
+
+
+def _live_text(models: setup.Models, cache: CacheOptions):
+    from library.models.prompt_encoding import encode_tokens, tokenize_prompts
+
+    if models.encoders is None:
+        return None
+
+    def encode(captions):
+        tokens = tokenize_prompts(models.tokenizers, captions, t5_max_length=cache.t5_max_length)
+        return encode_tokens(models.encoders, tokens, apply_t5_attn_mask=cache.apply_t5_attn_mask)
+
+    return encode
+
+
+def _step_fn(run: Run, prep: Prepared):
+    settings, device, models = setup.step_settings(run.cfg), run.accelerator.device, prep.models
+    vae_encode = None if models.vae is None else (lambda images: _vae_raw(models.vae, images, run.generator))
+    live = _live_text(models, prep.cache)
+
+    def step(batch, generator):
+        x0 = batch_latents(batch, vae_encode, device)
+        cond = conditioning(batch_encoder_outputs(batch, prep.empty, live), models.layout, settings, device, generator)
+        return flow_step(run.model, x0, cond, settings, loss_weights=batch.loss_weights, masks=batch.masks,
+                         generator=generator, autocast_dtype=prep.autocast)
+
+    return step
+
+
+def _vae_raw(vae, images, generator):
+    from library.models.vae import sample_posterior
+
+    mean, logvar = vae.encode_moments(images)
+    return sample_posterior(mean, logvar, generator)
+
+
+def _make_run(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Run:
+    cfg, accelerator = prep.cfg, prep.accelerator
+    optimizer, scheduler = setup.optimizer_and_scheduler(cfg, trainee.param_groups(), prep.total_steps)
+    model, optimizer = accelerator.prepare(trainee.module, optimizer)
+    generator = torch.Generator().manual_seed(prep.seed + accelerator.process_index)
+    shapes = {k: tuple(v.shape) for k, v in trainee.state_tensors(accelerator.unwrap_model(model)).items()}
+    signature = model_signature(prep.models.mmdit.config, shapes)
+    return Run(cfg, accelerator, trainee, model, optimizer, scheduler, generator, _policy(cfg), signature, settings_meta)
+
+
+def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
+    """Train ``trainee`` on the prepared run; returns the final model file's path."""
+    run = _make_run(prep, trainee, settings_meta)
+    cfg = run.cfg
+    per_epoch_batches = prep.per_epoch * cfg.train.gradient_accumulation_steps
+    state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch_batches)
+    saver = SaveHooks(run)
+    settings = LoopSettings(prep.total_steps, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm,
+                            cfg.train.max_bad_steps, prep.seed, cfg.train.max_data_loader_n_workers)
+    try:
+        run_loop(run.accelerator, run.model, prep.data, _step_fn(run, prep), run.optimizer, run.scheduler,
+                 settings, state, run.generator, ChainHooks([*trainee.step_hooks(), saver]))
+    except KeyboardInterrupt:
+        if not run.policy.save_state:
+            raise UserError(f"interrupted at step {state.global_step}; nothing saved (use --save_state to keep a "
+                            "state on Ctrl-C)") from None
+        name = interrupted_state_dir_name(run.policy.output_name, step=state.global_step)
+        saver.save_state_dir(name, state)
+        raise UserError(f"interrupted at step {state.global_step}; resume with --resume "
+                        f"{Path(cfg.save.output_dir) / name}") from None
+    return Path(cfg.save.output_dir) / checkpoint_name(run.policy.output_name, ext=run.policy.ext)
+
+
+def _ddp_handlers(cfg: RunConfig) -> list:
+    if not cfg.train.ddp_timeout:
+        return []
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.train.ddp_timeout))]
+
+
+def settings_meta(cfg: RunConfig, seed: int, data: TrainingData) -> dict:
+    """What the saved files record about the run (flags, seed, dataset summary, tag frequencies)."""
+    captions: dict[str, list[str]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for record in data.records:
+        folder = str(Path(record.image_path).parent.name)
+        captions.setdefault(folder, []).append(record.caption)
+        entry = dirs.setdefault(folder, {"n_repeats": record.num_repeats, "img_count": 0})
+        entry["img_count"] += 1
+    buckets = {f"{w}x{h}": n for (_, (w, h)), n in data.bucket_counts().items()}
+    datasets = [{"resolution": list(spec.resolution), "batch_size": spec.batch_size,
+                 "enable_bucket": spec.buckets.enable_bucket, "subsets": len(spec.subsets)}
+                for spec in data.blueprint.datasets]
+    return {**cfg.to_toml_dict(), "seed": seed, "max_train_steps": cfg.train.max_train_steps,
+            "captions_by_dir": captions, "num_train_images": len(data.records), "datasets": datasets,
+            "dataset_dirs": dirs, "bucket_info": buckets}
