@@ -165,3 +165,13 @@ def save_safetensors(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The exact bytes :func:`save_safetensors` writes, in memory (for small files: hashes, tests)."""
+    order, header = _layout(tensors, metadata or {})
+    parts = [struct.pack("<Q", len(header)), header]
+    for key in order:
+        t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        parts.append(t.view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)

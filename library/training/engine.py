@@ -13,7 +13,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -109,13 +109,14 @@ class SaveHooks(LoopHooks):
         self.run = run
         self.out = Path(run.cfg.save.output_dir)
 
-    def _save_model(self, name: str) -> None:
+    def _save_model(self, name: str, state: LoopState) -> None:
         run = self.run
         if not run.accelerator.is_main_process:
             return
         optimizer_eval(run.optimizer)  # schedule-free optimizers hold their averaged weights in eval mode
+        settings = {**run.settings_meta, "steps": state.global_step, "epoch": state.position.epoch}
         try:
-            run.trainee.write_model(self.out / name, run.accelerator.unwrap_model(run.model), run.settings_meta)
+            run.trainee.write_model(self.out / name, run.accelerator.unwrap_model(run.model), settings)
         finally:
             optimizer_train(run.optimizer)
 
@@ -133,7 +134,7 @@ class SaveHooks(LoopHooks):
 
     def _save_point(self, state: LoopState, name_args: dict, to_remove: list[str]) -> None:
         policy = self.run.policy
-        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext, **name_args))
+        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext, **name_args), state)
         if policy.save_state:
             self.save_state_dir(state_dir_name(policy.output_name, **name_args), state)
         if self.run.accelerator.is_main_process:
@@ -155,7 +156,7 @@ class SaveHooks(LoopHooks):
         logger.info("rank %d/%d: trained on %d samples (digest %08x), weights checksum %s", acc.process_index,
                     acc.num_processes, state.samples_seen, state.sample_digest,
                     _checksum(self.run.trainee.state_tensors(module)))
-        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext))
+        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext), state)
         if policy.save_state or self.run.cfg.save.save_state_on_train_end:
             self.save_state_dir(state_dir_name(policy.output_name, final=True), state)
 
@@ -224,8 +225,10 @@ def _cache(prep_models: setup.Models, data, cache: CacheOptions, accelerator, ba
 
 
 def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions, *, weights: torch.dtype | None,
-                trains_text: bool, batch_sizes: tuple[int, int] = (1, 8)) -> Prepared:
-    """Seed, accelerator, models (in ``weights``, or the precision's default), caches and data."""
+                trains_text: bool, batch_sizes: tuple[int, int] = (1, 8),
+                on_loaded: Callable[[setup.Models], None] | None = None) -> Prepared:
+    """Seed, accelerator, models (in ``weights``, or the precision's default), caches and data.
+    ``on_loaded`` runs on the models before anything is cached (e.g. to merge --base_weights)."""
     from accelerate import Accelerator
 
     seed = setup.run_seed(cfg)
@@ -236,6 +239,8 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     device = accelerator.device
     default_weights, autocast = setup.weight_dtypes(cfg, device.type)
     models = setup.load_models(cfg, str(device), weights or default_weights)
+    if on_loaded is not None:
+        on_loaded(models)
     vae_id, text_id = setup.identities(cfg, models.checkpoint)
     cache = dataclasses.replace(cache, vae_identity=vae_id, encoder_identity=text_id)
     data = TrainingData(blueprint, cache, seed=seed)
@@ -323,8 +328,9 @@ def _ddp_handlers(cfg: RunConfig) -> list:
     return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.train.ddp_timeout))]
 
 
-def settings_meta(cfg: RunConfig, seed: int, data: TrainingData) -> dict:
+def settings_meta(prep: Prepared) -> dict:
     """What the saved files record about the run (flags, seed, dataset summary, tag frequencies)."""
+    cfg, data = prep.cfg, prep.data
     captions: dict[str, list[str]] = {}
     dirs: dict[str, dict[str, int]] = {}
     for record in data.records:
@@ -336,6 +342,7 @@ def settings_meta(cfg: RunConfig, seed: int, data: TrainingData) -> dict:
     datasets = [{"resolution": list(spec.resolution), "batch_size": spec.batch_size,
                  "enable_bucket": spec.buckets.enable_bucket, "subsets": len(spec.subsets)}
                 for spec in data.blueprint.datasets]
-    return {**cfg.to_toml_dict(), "seed": seed, "max_train_steps": cfg.train.max_train_steps,
+    return {**cfg.to_toml_dict(), "seed": prep.seed, "max_train_steps": prep.total_steps,
+            "num_epochs": -(-prep.total_steps // max(1, prep.per_epoch)), "num_batches_per_epoch": len(data.epoch_batches(0)),
             "captions_by_dir": captions, "num_train_images": len(data.records), "datasets": datasets,
             "dataset_dirs": dirs, "bucket_info": buckets}

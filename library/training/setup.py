@@ -103,9 +103,13 @@ def identities(cfg: RunConfig, ckpt: Path) -> tuple[str, str]:
     """(VAE identity, text-encoder identity) recorded in the caches."""
     m = cfg.model
     vae = file_identity(m.vae or ckpt, "fp32")
-    text = identity_of(clip_l=file_identity(m.clip_l or ckpt), clip_g=file_identity(m.clip_g or ckpt),
-                       t5=file_identity(m.t5xxl or ckpt), dtype=cfg.train.mixed_precision)
-    return vae, text
+    parts = dict(clip_l=file_identity(m.clip_l or ckpt), clip_g=file_identity(m.clip_g or ckpt),
+                 t5=file_identity(m.t5xxl or ckpt), dtype=cfg.train.mixed_precision)
+    net = cfg.network
+    if net is not None and net.base_weights:  # networks merged into the encoders change their outputs
+        mults = net.base_weights_multiplier or (1.0,) * len(net.base_weights)
+        parts["base_weights"] = [(file_identity(p), m) for p, m in zip(net.base_weights, mults)]
+    return vae, identity_of(**parts)
 
 
 def optimizer_and_scheduler(cfg: RunConfig, groups: list[dict], total_steps: int):

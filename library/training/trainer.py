@@ -89,4 +89,4 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     enable_gradient_checkpointing(models.mmdit, models.encoders if trains_te else None, spec)
     model = FullModel(models.mmdit, models.encoders if trains_te else None)
     trainee = FullTrainee(prep.cfg, model, groups, models.encoders, models.checkpoint)
-    return engine.train(prep, trainee, engine.settings_meta(prep.cfg, prep.seed, prep.data))
+    return engine.train(prep, trainee, engine.settings_meta(prep))

@@ -1,4 +1,4 @@
-"""LoKr (LyCORIS) as pure functions on tensors (Linear layers only: the MMDiT has no conv targets).
+"""LoKr (LyCORIS) as pure functions on tensors, for Linear and Conv2d targets.
 
 Tensors use LyCORIS' names: ``lokr_w1`` or ``lokr_w1_a`` (a, r) / ``lokr_w1_b`` (r, c), and
 ``lokr_w2`` or ``lokr_w2_a`` (b, r) / ``lokr_w2_b`` (r, d), with out = a·b and in = c·d where
@@ -16,23 +16,38 @@ w2_a are kaiming-uniform(a=√5); w2 / w2_b are zero, so ΔW starts at exactly 0
 w2 / w2_b are then kaiming-initialised instead of zeroed (ΔW still starts at 0, but both factors
 get gradients from the start). On save LyCORIS folds the scalar into w1 (or w1_a) and does not
 store it: see ``lokr_bake_scalar``.
+
+Conv2d targets (LyCORIS' ``LokrModule`` on a conv): only the channel dims are factorized,
+(a, b) = factorization(out) and (c, d) = factorization(in); the kernel goes with W2, which is kept
+here as the matrix (b, d·kh·kw) — LyCORIS saves a full w2 as (b, d, kh, kw) and a low-rank w2_b
+already flattened as (r, d·kh·kw). kron(W1, W2 flattened) is the flattened 4-D
+kron(W1[:, :, None, None], W2), so ΔW stays the 2-D (out, in·kh·kw) matrix of ``functional.conv``.
+The W2 split rule compares the rank with the channel dims (b, d), as LyCORIS does.
+
+Dropout in the bypass (LyCORIS' bypass mode): ``neuron_dropout`` is ``torch`` dropout on the
+delta's output, the ``dropout`` LyCORIS applies as ``self.drop(ΔW x)``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .conv import ConvSpec, conv_apply
 from .factorization import factorization
 from .lora import kaiming_uniform, module_dropped
 
 LokrTensors = dict[str, torch.Tensor]
 
 
-def lokr_shapes(out_features: int, in_features: int, factor: int = -1) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((a, c), (b, d)): the full shapes of W1 (a, c) and W2 (b, d)."""
+def lokr_shapes(
+    out_features: int, in_features: int, factor: int = -1, kernel_numel: int = 1,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((a, c), (b, d·k)): the full shapes of W1 and W2; ``in_features`` counts channels only and
+    ``kernel_numel`` = kh·kw for a conv (1 for a Linear)."""
     a, b = factorization(out_features, factor)
     c, d = factorization(in_features, factor)
-    return (a, c), (b, d)
+    return (a, c), (b, d * kernel_numel)
 
 
 def _factor_tensors(
@@ -66,16 +81,20 @@ def lokr_init(
     full_matrix: bool = False,
     decompose_both: bool = False,
     use_scalar: bool = False,
+    kernel_numel: int = 1,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> LokrTensors:
-    """Fresh LoKr tensors with LyCORIS names and init (ΔW == 0); adds ``scalar`` when use_scalar."""
-    (a, c), (b, d) = lokr_shapes(out_features, in_features, factor)
+    """Fresh LoKr tensors with LyCORIS names and init (ΔW == 0); adds ``scalar`` when use_scalar.
+
+    For a conv, ``in_features`` is the input channels and ``kernel_numel`` = kh·kw (W2 is (b, d·k)).
+    """
+    (a, c), (b, dk) = lokr_shapes(out_features, in_features, factor, kernel_numel)
     split_w1 = decompose_both and rank < max(a, c) / 2 and not full_matrix
-    split_w2 = rank < max(b, d) / 2 and not full_matrix
+    split_w2 = rank < max(b, dk // kernel_numel) / 2 and not full_matrix
     options = {"dtype": dtype, "device": device}
-    tensors = _factor_tensors("lokr_w2", (b, d), rank, split_w2, not use_scalar, generator, options)
+    tensors = _factor_tensors("lokr_w2", (b, dk), rank, split_w2, not use_scalar, generator, options)
     tensors.update(_factor_tensors("lokr_w1", (a, c), rank, split_w1, False, generator, options))
     if use_scalar:
         tensors["scalar"] = torch.zeros((), **options)
@@ -141,34 +160,67 @@ def lokr_apply(x: torch.Tensor, tensors: LokrTensors) -> torch.Tensor:
     return both.reshape(*x.shape[:-1], -1)  # (..., a, b) -> (..., out)
 
 
+def lokr_output_dropout(
+    delta_out: torch.Tensor,
+    *,
+    channel_dim: int = -1,
+    rank_dropout: float = 0.0,
+    rank_dropout_scale: bool = False,
+    neuron_dropout: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Rank dropout (whole output features along ``channel_dim``, one draw per call) then neuron
+    dropout (``torch`` dropout, the global RNG) on the delta's output. Training only.
+
+    The rank mask is rescaled by 1 / (1 - p) only when ``rank_dropout_scale`` (LyCORIS rescales by
+    1 / mask.mean(); the exact 1 / (1 - p) keeps the expectation unbiased).
+    """
+    if not training:
+        return delta_out
+    if rank_dropout > 0.0:
+        draw = torch.rand(delta_out.shape[channel_dim], generator=generator, device=delta_out.device)
+        keep = (draw > rank_dropout).to(delta_out.dtype)
+        if rank_dropout_scale:
+            keep = keep / (1.0 - rank_dropout)
+        view = [1] * delta_out.dim()
+        view[channel_dim] = -1
+        delta_out = delta_out * keep.view(view)  # (out,) -> broadcast over channel_dim
+    if neuron_dropout > 0.0:
+        delta_out = F.dropout(delta_out, p=neuron_dropout, training=True)
+    return delta_out
+
+
 def lokr_bypass(
     x: torch.Tensor,
     base_out: torch.Tensor,
     tensors: LokrTensors,
     scale: float,
     *,
+    conv: ConvSpec | None = None,
     rank_dropout: float = 0.0,
     rank_dropout_scale: bool = False,
     module_dropout: float = 0.0,
+    neuron_dropout: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """y = base_out + x @ ΔWᵀ, computed factor by factor (``lokr_apply``), never building ΔW.
+    """y = base_out + ΔW x: a Linear goes factor by factor (``lokr_apply``, ΔW never built); a
+    Conv2d (``conv`` given, x (B, in, H, W)) convolves with ΔW reshaped to the kernel.
 
-    Dropout follows LyCORIS' LoKr: module dropout skips the delta with probability p; rank
-    dropout masks whole output features of ΔW (one draw per call, shared by the batch), rescaled
-    by 1 / (1 - p) only when ``rank_dropout_scale`` (LyCORIS rescales by 1 / mask.mean(); the
-    exact 1 / (1 - p) keeps the expectation unbiased). Both act only when ``training``.
+    Module dropout skips the delta with probability p; then ``lokr_output_dropout`` (for a conv
+    the rank mask drops whole output channels). All dropouts act only when ``training``.
     """
     if module_dropped(module_dropout, training, generator, x.device):
         return base_out
-    delta_out = lokr_apply(x, tensors) * _total_scale(tensors, scale)  # (..., out)
-    if training and rank_dropout > 0.0:
-        draw = torch.rand(delta_out.shape[-1], generator=generator, device=x.device)
-        keep = (draw > rank_dropout).to(delta_out.dtype)
-        if rank_dropout_scale:
-            keep = keep / (1.0 - rank_dropout)
-        delta_out = delta_out * keep
+    if conv is None:
+        delta_out = lokr_apply(x, tensors) * _total_scale(tensors, scale)  # (..., out)
+    else:
+        delta_out = conv_apply(x, lokr_delta(tensors, scale), conv)  # (B, out, h, w)
+    delta_out = lokr_output_dropout(
+        delta_out, channel_dim=-1 if conv is None else 1, rank_dropout=rank_dropout,
+        rank_dropout_scale=rank_dropout_scale, neuron_dropout=neuron_dropout, training=training, generator=generator,
+    )
     return base_out + delta_out
 
 

@@ -1,10 +1,12 @@
-"""LoRA as pure functions on tensors (Linear layers only: the MMDiT has no LoRA-targeted conv).
+"""LoRA as pure functions on tensors, for Linear targets and Conv2d targets (``conv`` given).
 
 Layout (sd-scripts / ComfyUI): ``down`` is (rank, in), ``up`` is (out, rank),
 ΔW = scale · up @ down with scale = alpha / rank. ``up`` starts at zero so ΔW starts at zero.
-Dropout follows sd-scripts' ``LoRAModule.forward``: rank dropout masks the down projection's output
-per (sample, rank) and rescales by 1 / (1 - p); module dropout skips the whole delta with
-probability p. Both act only when ``training`` is true.
+For a Conv2d target ``in`` is in·kh·kw (the flattened kernel, see ``functional.conv``): the down
+projection is a conv with the target's kernel/stride/padding and the up projection a 1×1 conv.
+Dropout follows sd-scripts' ``LoRAModule.forward``: neuron dropout (``torch`` dropout with p) on
+the down projection's output, then rank dropout masks it per (sample, rank) and rescales by
+1 / (1 - p); module dropout skips the whole delta with probability p. All act only in training.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+from .conv import ConvSpec, conv_apply, to_pointwise
 
 
 def kaiming_uniform(
@@ -75,19 +80,49 @@ def rank_dropout_mask(
     lx: torch.Tensor,
     rank_dropout: float,
     generator: torch.Generator | None = None,
+    channel_dim: int = -1,
 ) -> torch.Tensor:
-    """Keep-mask for the down output lx (batch, ..., rank): one draw per (sample, rank).
+    """Keep-mask for the down output lx (batch, ..., rank) or a conv's (batch, rank, h, w)
+    (``channel_dim=1``): one draw per (sample, rank).
 
-    The mask has shape (batch, 1, ..., 1, rank) so every token of a sample shares it; for a
-    1-D lx (a single vector) it has shape (rank,).
+    The mask is 1 everywhere but the batch and rank dims, so every token / pixel of a sample shares
+    it; for a 1-D lx (a single vector) it has shape (rank,).
     """
-    rank = lx.shape[-1]
+    rank = lx.shape[channel_dim]
     if lx.dim() == 1:
-        mask_shape: tuple[int, ...] = (rank,)
+        mask_shape: list[int] = [rank]
     else:
-        mask_shape = (lx.shape[0], *([1] * (lx.dim() - 2)), rank)
+        mask_shape = [lx.shape[0]] + [1] * (lx.dim() - 1)
+        mask_shape[channel_dim] = rank
     draw = torch.rand(mask_shape, generator=generator, device=lx.device)
     return (draw > rank_dropout).to(lx.dtype)
+
+
+def lora_up_path(
+    lx: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    *,
+    conv: bool = False,
+    rank_dropout: float = 0.0,
+    neuron_dropout: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """scale · up(lx) for the down output lx, after neuron then rank dropout (training only).
+
+    lx is (..., rank) for a Linear, (B, rank, h, w) for a conv (``conv``; up is then a 1×1 conv).
+    Neuron dropout is ``torch.nn.functional.dropout`` (the global RNG, as sd-scripts); the rank
+    mask is drawn from ``generator``.
+    """
+    if training and neuron_dropout > 0.0:
+        lx = F.dropout(lx, p=neuron_dropout, training=True)
+    if training and rank_dropout > 0.0:
+        lx = lx * rank_dropout_mask(lx, rank_dropout, generator, channel_dim=1 if conv else -1)
+        scale = scale / (1.0 - rank_dropout)
+    if conv:
+        return F.conv2d(lx, to_pointwise(up)) * scale  # (B, rank, h, w) -> (B, out, h, w)
+    return (lx @ up.t()) * scale
 
 
 def lora_bypass(
@@ -97,23 +132,24 @@ def lora_bypass(
     up: torch.Tensor,
     scale: float,
     *,
+    conv: ConvSpec | None = None,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
+    neuron_dropout: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """y = base_out + scale · (x @ downᵀ) @ upᵀ, with sd-scripts' rank/module dropout in training.
+    """y = base_out + scale · up(down(x)), with sd-scripts' dropouts in training.
 
-    x: (..., in); base_out: (..., out) — the frozen layer's output for x. The multiplier of a
-    network is folded into ``scale`` by the caller.
+    Linear: x (..., in), base_out (..., out). Conv2d (``conv`` given): x (B, in, H, W), base_out
+    (B, out, h, w); down is the target's conv, up a 1×1 conv, and the rank mask is shared by every
+    pixel of a sample. The network's multiplier is folded into ``scale`` by the caller.
     """
     if module_dropped(module_dropout, training, generator, x.device):
         return base_out
-    lx = x @ down.t()  # (..., rank)
-    if training and rank_dropout > 0.0:
-        lx = lx * rank_dropout_mask(lx, rank_dropout, generator)
-        scale = scale / (1.0 - rank_dropout)
-    return base_out + (lx @ up.t()) * scale
+    lx = x @ down.t() if conv is None else conv_apply(x, down, conv)  # (..., rank) or (B, rank, h, w)
+    return base_out + lora_up_path(lx, up, scale, conv=conv is not None, rank_dropout=rank_dropout,
+                                   neuron_dropout=neuron_dropout, training=training, generator=generator)
 
 
 def merge_lora(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import lycoris.functional.general as lycoris_general
+import lycoris.functional.lokr as lycoris_lokr
+import lycoris.modules.lokr as lycoris_modules
 import pytest
 import torch
 
@@ -55,13 +58,12 @@ def test_factorization_table(dimension: int, factor: int, expected: tuple[int, i
 
 
 def test_factorization_matches_lycoris() -> None:
-    general = pytest.importorskip("lycoris.functional.general")
     for dimension in range(1, 1200):
         for factor in (-1, 0, 1, 2, 3, 4, 5, 7, 8, 16, 32):
-            assert factorization(dimension, factor) == general.factorization(dimension, factor)
+            assert factorization(dimension, factor) == lycoris_general.factorization(dimension, factor)
     for dimension in (1536, 2432, 4608, 6144, 7296, 9728):
         for factor in (-1, 2, 4, 8, 16):
-            assert factorization(dimension, factor) == general.factorization(dimension, factor)
+            assert factorization(dimension, factor) == lycoris_general.factorization(dimension, factor)
 
 
 # ---------------------------------------------------------------- LoRA
@@ -169,12 +171,11 @@ def test_lokr_scale() -> None:
 
 @pytest.mark.parametrize(("out_f", "in_f", "rank", "factor", "full", "both", "names"), LOKR_CASES)
 def test_lokr_delta_matches_lycoris_diff_weight(out_f, in_f, rank, factor, full, both, names) -> None:
-    lokr = pytest.importorskip("lycoris.functional.lokr")
     tensors = _randomised(lokr_init(out_f, in_f, rank, factor=factor, full_matrix=full, decompose_both=both), 7)
     alpha = 3.0
     ours = lokr_delta(tensors, lokr_scale(alpha, rank, tensors))
     order = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-    oracle = lokr.diff_weight(*(tensors.get(k) for k in order), None, gamma=alpha, backend="torch")
+    oracle = lycoris_lokr.diff_weight(*(tensors.get(k) for k in order), None, gamma=alpha, backend="torch")
     torch.testing.assert_close(ours, oracle, rtol=0, atol=1e-6)
     hand = torch.kron(tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"],
                       tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"])
@@ -212,10 +213,10 @@ def test_lokr_use_scalar() -> None:
 
 @pytest.mark.parametrize("use_scalar", [False, True])
 def test_lokr_init_matches_lycoris_module(use_scalar: bool) -> None:
-    modules = pytest.importorskip("lycoris.modules.lokr")
     base = torch.nn.Linear(96, 64, bias=False)
     torch.manual_seed(123)
-    module = modules.LokrModule("m", base, lora_dim=2, alpha=1, factor=4, decompose_both=True, use_scalar=use_scalar)
+    module = lycoris_modules.LokrModule("m", base, lora_dim=2, alpha=1, factor=4, decompose_both=True,
+                                        use_scalar=use_scalar)
     ours = lokr_init(64, 96, 2, factor=4, decompose_both=True, use_scalar=use_scalar, generator=_generator(123))
     theirs = {k: v.detach() for k, v in module.named_parameters() if k.startswith("lokr_") or k == "scalar"}
     assert set(ours) == set(theirs)

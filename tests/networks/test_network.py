@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from library.models.loading import load_mmdit
 from library.models.safetensors_io import load_safetensors, save_safetensors
-from library.models.text_encoders import load_text_encoders
 from networks import lokr_sd3, lora_sd3
-from networks.network import parse_block_indices
+from networks.options import parse_block_indices
 
 MODULES = {"lora": lora_sd3, "lokr": lokr_sd3}
 UNET_TARGETS = {"attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"}
@@ -19,30 +17,21 @@ TE_PARENTS = {"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"}
 T5_PARENTS = {"T5Attention", "T5DenseGatedActDense", "T5DenseActDense"}
 LOKR_W1 = ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
 LOKR_W2 = ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"})
+# SAI module paths of the emb_dims parts, in emb_dims order
+EMB_PATHS = ("context_embedder", "t_embedder", "x_embedder", "y_embedder", "final_layer.adaLN_modulation",
+             "final_layer.linear")
 
 
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    """Loader of fresh, frozen (mmdit, text encoders) per variant, fp32.
-
-    Frozen up front: SDPA's kernel choice depends on requires_grad, which alone moves outputs by 1 ulp.
-    """
-
-    def get(variant: str = "sd35-medium"):
-        files = tiny_models(variant)
-        return load_mmdit(files.checkpoint, dtype=torch.float32).requires_grad_(False), load_text_encoders(
-            files.checkpoint
-        )
-
-    return get
-
-
-def expected_names(mmdit: nn.Module, encoders, t5: bool = False) -> set[str]:
+def expected_names(mmdit: nn.Module, encoders, t5: bool = False, emb: tuple[int, ...] = (0,) * 6) -> set[str]:
     """The sd-scripts module names, derived from the models' own module trees."""
     names = set()
+    emb_paths = [p for p, dim in zip(EMB_PATHS, emb) if dim > 0]
     for path, module in mmdit.named_modules():
         parts = path.split(".")
         if isinstance(module, nn.Linear) and parts[0] == "joint_blocks" and ".".join(parts[3:]) in UNET_TARGETS:
+            names.add("lora_unet_" + path.replace(".", "_"))
+        in_emb = any(path == p or path.startswith(p + ".") for p in emb_paths)
+        if in_emb and isinstance(module, (nn.Linear, nn.Conv2d)):
             names.add("lora_unet_" + path.replace(".", "_"))
     specs = [("lora_te1_", encoders.clip_l, TE_PARENTS), ("lora_te2_", encoders.clip_g, TE_PARENTS)]
     specs += [("lora_te3_", encoders.t5xxl, T5_PARENTS)] if t5 else []
@@ -101,14 +90,23 @@ def test_keys_match_model_modules(models, kind):
             assert "alpha" in suffixes and any(s <= suffixes for s in LOKR_W1) and any(s <= suffixes for s in LOKR_W2)
     with_t5 = MODULES[kind].create_network(1.0, 4, 2.0, None, encoders, mmdit, train_t5xxl="True")
     assert module_names(with_t5.state_dict_for_save()) == expected_names(mmdit, encoders, t5=True)
+    with_emb = MODULES[kind].create_network(1.0, 4, 2.0, None, encoders, mmdit, emb_dims="[2,2,2,2,2,2]")
+    emb_names = module_names(with_emb.state_dict_for_save())
+    assert emb_names == expected_names(mmdit, encoders, emb=(2,) * 6)
+    assert {"lora_unet_x_embedder_proj", "lora_unet_context_embedder", "lora_unet_t_embedder_mlp_0",
+            "lora_unet_t_embedder_mlp_2", "lora_unet_y_embedder_mlp_0", "lora_unet_y_embedder_mlp_2",
+            "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_final_layer_linear"} <= emb_names
+    some = MODULES[kind].create_network(1.0, 4, 2.0, None, encoders, mmdit, emb_dims=[4, 0, 4, 4, 0, 4])
+    assert module_names(some.state_dict_for_save()) == expected_names(mmdit, encoders, emb=(4, 0, 4, 4, 0, 4))
 
 
-@pytest.mark.parametrize("kind", ["lora", "lokr"])
-def test_fresh_network_changes_nothing_and_bypass_equals_merge(models, kind):
+@pytest.mark.parametrize("kind,args", [("lora", {}), ("lokr", {}), ("lora", {"emb_dims": "[4,4,4,4,4,4]"}),
+                                       ("lokr", {"emb_dims": "[4,4,4,4,4,4]", "factor": "4"})])
+def test_fresh_network_changes_nothing_and_bypass_equals_merge(models, kind, args):
     mmdit, encoders = models()
     before = outputs(mmdit, encoders)
     state_keys = set(mmdit.state_dict())
-    network = MODULES[kind].create_network(0.7, 4, 2.0, None, encoders, mmdit)
+    network = MODULES[kind].create_network(0.7, 4, 2.0, None, encoders, mmdit, **args)
     network.apply_to(encoders, mmdit, True, True)
     assert set(mmdit.state_dict()) == state_keys
     for a, b in zip(before, outputs(mmdit, encoders)):
@@ -124,7 +122,10 @@ def test_fresh_network_changes_nothing_and_bypass_equals_merge(models, kind):
 
 @pytest.mark.parametrize("kind,args", [("lora", {}), ("lora", {"split_qkv": "True"}),
                                         ("lokr", {"factor": "4", "decompose_both": "True"}),
-                                        ("lokr", {"full_matrix": "True"}), ("lokr", {"use_scalar": "True"})])
+                                        ("lokr", {"full_matrix": "True"}), ("lokr", {"use_scalar": "True"}),
+                                        ("lora", {"emb_dims": "[2,2,2,2,2,2]"}),
+                                        ("lokr", {"emb_dims": "[2,2,2,2,2,2]", "full_matrix": "True"}),
+                                        ("lokr", {"emb_dims": "[1,1,1,1,1,1]", "factor": "8"})])
 def test_save_load_round_trip(models, tmp_path, kind, args):
     mmdit, encoders = models()
     network = MODULES[kind].create_network(1.0, 2, 1.0, None, encoders, mmdit, **args)
@@ -143,6 +144,8 @@ def test_save_load_round_trip(models, tmp_path, kind, args):
     fresh_mmdit, fresh_encoders = models()
     loaded = MODULES[kind].create_network_from_weights(1.0, path, None, fresh_encoders, fresh_mmdit)
     assert loaded.state_dict_for_save().keys() == saved.keys()
+    if "emb_dims" in args:
+        assert isinstance(loaded.adapters["lora_unet_x_embedder_proj"].base, nn.Conv2d)
     loaded.apply_to()
     for a, b in zip(reference, outputs(fresh_mmdit, fresh_encoders)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
