@@ -122,7 +122,7 @@ def lora_up_path(
         scale = scale / (1.0 - rank_dropout)
     if conv:
         return F.conv2d(lx, to_pointwise(up)) * scale  # (B, rank, h, w) -> (B, out, h, w)
-    return (lx @ up.t()) * scale
+    return lx @ (up * scale).t()
 
 
 def lora_bypass(
@@ -147,6 +147,11 @@ def lora_bypass(
     """
     if module_dropped(module_dropout, training, generator, x.device):
         return base_out
+    if conv is None and not (training and (rank_dropout > 0.0 or neuron_dropout > 0.0)):
+        # the common case as one fused GEMM: base_out + lx @ (scale·up)ᵀ (scaling the small up matrix)
+        lx = x @ down.t()  # (..., rank)
+        flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), lx.reshape(-1, lx.shape[-1]), (up * scale).t())
+        return flat.view(base_out.shape)
     lx = x @ down.t() if conv is None else conv_apply(x, down, conv)  # (..., rank) or (B, rank, h, w)
     return base_out + lora_up_path(lx, up, scale, conv=conv is not None, rank_dropout=rank_dropout,
                                    neuron_dropout=neuron_dropout, training=training, generator=generator)
