@@ -72,7 +72,7 @@ def test_network_learns_one_concept(tiny_models, tmp_path, capsys, module, extra
             "--train_batch_size", "4", "--model_prediction_type", "raw", *extra]
     assert sd3_train_network.main(argv) == 0, capsys.readouterr().err
 
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
     x0 = load_vae(files.checkpoint).encode(images.float() / 127.5 - 1, sample=False)
     encoders, mmdit = load_text_encoders(files.checkpoint), load_mmdit(files.checkpoint)
     tokenizers = load_tokenizers(str(files.tokenizer_dir), t5_max_length=16)
