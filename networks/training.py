@@ -21,9 +21,9 @@ LYCORIS_ALGOS = {"lokr": "networks.lokr_sd3", "lora": "networks.lora_sd3", "loco
 
 def resolve_module(name: str, network_args: dict[str, str]) -> tuple[Any, dict[str, str]]:
     """(python module with create_network, network_args left for it) for a --network_module name."""
-    args = dict(network_args)
+    remaining = dict(network_args)
     if name in ("lycoris.kohya", "lycoris"):
-        algo = args.pop("algo", "lora").lower()
+        algo = remaining.pop("algo", "lora").lower()
         if algo not in LYCORIS_ALGOS:
             raise UserError(f"--network_module {name} algo={algo}: only {', '.join(LYCORIS_ALGOS)} are available "
                             "for SD3 here; use networks.lokr_sd3 or networks.lora_sd3")
@@ -31,7 +31,7 @@ def resolve_module(name: str, network_args: dict[str, str]) -> tuple[Any, dict[s
     if name not in MODULES:
         raise UserError(f"--network_module {name!r} is not an SD3 network module; use networks.lora_sd3 or "
                         "networks.lokr_sd3 (sd-scripts' networks.lora is for SD1/SDXL)")
-    return importlib.import_module(MODULES[name]), args
+    return importlib.import_module(MODULES[name]), remaining
 
 
 @dataclass(frozen=True)
