@@ -67,6 +67,7 @@ class Prepared:
     autocast: torch.dtype | None
     total_steps: int
     per_epoch: int
+    sampling: object = None  # (SamplePlan, texts -> conditions, VAE) with --sample_prompts
 
 
 @dataclass
@@ -88,6 +89,10 @@ class ChainHooks(LoopHooks):
 
     def __init__(self, hooks: list[LoopHooks]) -> None:
         self.hooks = hooks
+
+    def on_train_start(self, state: LoopState) -> None:
+        for hook in self.hooks:
+            hook.on_train_start(state)
 
     def on_step_end(self, state: LoopState, loss: float, lr: float) -> None:
         for hook in self.hooks:
@@ -241,6 +246,7 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     models = setup.load_models(cfg, str(device), weights or default_weights)
     if on_loaded is not None:
         on_loaded(models)
+    sampling = _sampling(cfg, models, device)
     vae_id, text_id = setup.identities(cfg, models.checkpoint)
     cache = dataclasses.replace(cache, vae_identity=vae_id, encoder_identity=text_id)
     data = TrainingData(blueprint, cache, seed=seed)
@@ -248,7 +254,32 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     per_epoch = steps_per_epoch(data, accelerator.num_processes, cfg.train.gradient_accumulation_steps)
     total = total_steps(cfg.train.max_train_steps, cfg.train.max_train_epochs, per_epoch)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_train_steps=total))
-    return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch)
+    return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch, sampling)
+
+
+def _sampling(cfg: RunConfig, models: setup.Models, device: torch.device):
+    """With --sample_prompts: the plan, an encoder of prompt texts (live encoders while they are loaded,
+    else the table encoded now, before caching frees them) and the VAE (kept for decoding)."""
+    from library.training import sampling
+
+    s = cfg.sample
+    plan = sampling.sample_plan(s.sample_prompts, every_n_steps=s.sample_every_n_steps,
+                                every_n_epochs=s.sample_every_n_epochs, at_first=s.sample_at_first,
+                                sampler=s.sample_sampler, shift=s.sample_shift, variant=models.mmdit.config.variant)
+    if plan is None:
+        return None
+    m = cfg.model
+    live = sampling.prompt_encoder(lambda: models.encoders, models.tokenizers, models.layout, t5_max_length=m.t5xxl_max_token_length,
+                                   apply_lg_attn_mask=m.apply_lg_attn_mask, apply_t5_attn_mask=m.apply_t5_attn_mask,
+                                   device=device)
+    table = live([t for spec in plan.prompts for t in (spec.prompt, spec.negative_prompt)])
+    had_t5 = models.encoders.t5xxl is not None
+
+    def conditions(texts: list[str]) -> dict:  # live while every encoder is loaded (a trained one shows)
+        encoders = models.encoders
+        return live(texts) if encoders is not None and (encoders.t5xxl is not None) == had_t5 else table
+
+    return plan, conditions, models.vae
 
 
 def _live_text(models: setup.Models, cache: CacheOptions):
@@ -302,11 +333,12 @@ def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
     per_epoch_batches = prep.per_epoch * cfg.train.gradient_accumulation_steps
     state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch_batches)
     saver = SaveHooks(run)
+    hooks = [*trainee.step_hooks(), *_sample_hooks(run, prep), saver]
     settings = LoopSettings(prep.total_steps, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm,
                             cfg.train.max_bad_steps, prep.seed, cfg.train.max_data_loader_n_workers)
     try:
         run_loop(run.accelerator, run.model, prep.data, _step_fn(run, prep), run.optimizer, run.scheduler,
-                 settings, state, run.generator, ChainHooks([*trainee.step_hooks(), saver]))
+                 settings, state, run.generator, ChainHooks(hooks))
     except KeyboardInterrupt:
         if not run.policy.save_state:
             raise UserError(f"interrupted at step {state.global_step}; nothing saved (use --save_state to keep a "
@@ -316,6 +348,19 @@ def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
         raise UserError(f"interrupted at step {state.global_step}; resume with --resume "
                         f"{Path(cfg.save.output_dir) / name}") from None
     return Path(cfg.save.output_dir) / checkpoint_name(run.policy.output_name, ext=run.policy.ext)
+
+
+def _sample_hooks(run: Run, prep: Prepared) -> list[LoopHooks]:
+    if prep.sampling is None:
+        return []
+    from library.training.sampling import SampleContext, SampleHooks
+
+    plan, conditions, vae = prep.sampling
+    ctx = SampleContext(model=lambda: run.accelerator.unwrap_model(run.model), vae=lambda: vae.to(run.accelerator.device),
+                        conditions=conditions, device=run.accelerator.device, compute_dtype=prep.autocast,
+                        out_dir=Path(run.cfg.save.output_dir) / "sample", output_name=run.cfg.save.output_name,
+                        is_main=run.accelerator.is_main_process)
+    return [SampleHooks(plan, ctx)]
 
 
 def _ddp_handlers(cfg: RunConfig) -> list:

@@ -60,6 +60,8 @@ class LoopState:
 class LoopHooks:
     """Override what you need; every hook runs on every rank (hooks decide who writes)."""
 
+    def on_train_start(self, state: LoopState) -> None: ...
+
     def on_step_end(self, state: LoopState, loss: float, lr: float) -> None: ...
 
     def on_epoch_end(self, state: LoopState, epoch: int) -> None: ...
@@ -154,6 +156,7 @@ def run_loop(
     rank, world = accelerator.process_index, accelerator.num_processes
     params = [p for p in trainable.parameters() if p.requires_grad]
     trainable.train()
+    hooks.on_train_start(state)
     started = time.perf_counter()
     bar = _progress(accelerator, settings.max_train_steps, state.global_step)
     while state.global_step < settings.max_train_steps:
