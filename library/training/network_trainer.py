@@ -25,13 +25,12 @@ from library.errors import UserError
 from library.models.mmdit import MMDiT
 from library.models.text_encoders import TextEncoders
 from library.runtime.fp8 import fp8_storage_bytes, store_linears_in_fp8
-from library.training import engine
+from library.training import engine, setup
 from library.training.checkpoints import save_dtype, save_error
 from library.training.loop import LoopHooks, LoopState
 from library.training.network_files import network_metadata, parse_network_args, with_hashes
 
 logger = logging.getLogger(__name__)
-_BASE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class AdapterNetwork(Protocol):
@@ -166,7 +165,7 @@ def train_network(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptio
     """Train a network over the frozen base; returns the final network file's path."""
     _check(cfg, cache)
     trains_text = trains_text_encoders(cfg.network)
-    base = _BASE_DTYPES.get(cfg.train.mixed_precision, torch.float32)
+    base = setup.PRECISIONS.get(cfg.train.mixed_precision, torch.float32)  # frozen: stored as computed
     prep = engine.prepare_run(cfg, blueprint, cache, weights=base, trains_text=trains_text,
                               batch_sizes=(vae_batch_size, text_batch_size),
                               on_loaded=lambda m: builder.merge_base_weights(m.mmdit, m.encoders))

@@ -28,7 +28,7 @@ from library.training.step import StepSettings
 
 logger = logging.getLogger(__name__)
 
-_PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def step_settings(cfg: RunConfig) -> StepSettings:
@@ -62,7 +62,7 @@ def run_seed(cfg: RunConfig) -> int:
 
 def weight_dtypes(cfg: RunConfig, device: str) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype of trained modules, autocast dtype or None)."""
-    precision = _PRECISIONS.get(cfg.train.mixed_precision)
+    precision = PRECISIONS.get(cfg.train.mixed_precision)
     if precision is None:
         raise UserError(f"--mixed_precision {cfg.train.mixed_precision!r}: choose no, fp16 or bf16")
     if precision == torch.float16 and not device.startswith(("cuda", "mps")):
