@@ -11,13 +11,14 @@ but ``library.errors``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Mapping, Union
+from typing import Any, Collection, Mapping, Union
 
-from library.errors import UserError
+from library.config_values import (  # noqa: F401 (flatten_toml, unknown_name_error: re-exported)
+    check, check_choices, check_positive, check_rate, coerce, flatten_toml, unknown_name_error,
+)
 
 StepCount = Union[int, float, str, None]  # a count, a ratio < 1 or "N%" of the total, kept raw
 
@@ -33,29 +34,8 @@ CHOICES: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "save_precision": ("fp32", "float", "fp16", "bf16"),
     "save_model_as": ("safetensors",),
     "log_with": ("tensorboard", "wandb", "all"),
+    "ema_device": ("cpu", "gpu"),
 })
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def _check_rate(name: str, value: float) -> None:
-    _check(0.0 <= value <= 1.0, f"--{name} must be in [0, 1], got {value}")
-
-
-def _check_positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:
-    if value is not None:
-        _check(value > 0 or (allow_zero and value == 0), f"--{name} must be {'>= 0' if allow_zero else '> 0'}, "
-               f"got {value}")
-
-
-def _check_choices(config: Any) -> None:
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name in CHOICES and value is not None and value not in CHOICES[f.name]:
-            raise unknown_name_error(f"--{f.name} value", value, CHOICES[f.name])
 
 
 @dataclass(frozen=True)
@@ -77,8 +57,8 @@ class ModelConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        _check_positive("t5xxl_max_token_length", self.t5xxl_max_token_length)
-        _check_rate("pos_emb_random_crop_rate", self.pos_emb_random_crop_rate)
+        check_positive("t5xxl_max_token_length", self.t5xxl_max_token_length)
+        check_rate("pos_emb_random_crop_rate", self.pos_emb_random_crop_rate)
 
 
 @dataclass(frozen=True)
@@ -108,18 +88,18 @@ class TrainConfig:
     ddp_timeout: int | None = None  # minutes (sd-scripts' --ddp_timeout); None: torch's default
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        _check_positive("max_train_steps", self.max_train_steps)
-        _check_positive("max_train_epochs", self.max_train_epochs)
-        _check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _check_positive("max_bad_steps", self.max_bad_steps)
-        _check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
-        _check_positive("max_data_loader_n_workers", self.max_data_loader_n_workers, allow_zero=True)
-        _check_positive("num_last_block_to_freeze", self.num_last_block_to_freeze, allow_zero=True)
+        check_choices(self, CHOICES)
+        check_positive("max_train_steps", self.max_train_steps)
+        check_positive("max_train_epochs", self.max_train_epochs)
+        check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        check_positive("max_bad_steps", self.max_bad_steps)
+        check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        check_positive("max_data_loader_n_workers", self.max_data_loader_n_workers, allow_zero=True)
+        check_positive("num_last_block_to_freeze", self.num_last_block_to_freeze, allow_zero=True)
         for name in ("learning_rate", "learning_rate_te1", "learning_rate_te2", "learning_rate_te3"):
-            _check_positive(name, getattr(self, name), allow_zero=True)
+            check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate"):
-            _check_rate(name, getattr(self, name))
+            check_rate(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -141,14 +121,14 @@ class FlowConfig:
     masked_loss: bool = False
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        _check_positive("training_shift", self.training_shift)
-        _check_positive("logit_std", self.logit_std)
+        check_choices(self, CHOICES)
+        check_positive("training_shift", self.training_shift)
+        check_positive("logit_std", self.logit_std)
         for name in ("min_timestep", "max_timestep"):
             value = getattr(self, name)
-            _check(value is None or 0 <= value <= 1000, f"--{name} must be in [0, 1000], got {value}")
+            check(value is None or 0 <= value <= 1000, f"--{name} must be in [0, 1000], got {value}")
         if self.min_timestep is not None and self.max_timestep is not None:
-            _check(self.min_timestep <= self.max_timestep,
+            check(self.min_timestep <= self.max_timestep,
                    f"--min_timestep {self.min_timestep} is above --max_timestep {self.max_timestep}")
 
 
@@ -194,11 +174,11 @@ class SaveConfig:
     metadata_tags: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self, CHOICES)
         for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
                      "save_last_n_epochs_state", "save_last_n_steps_state", "initial_epoch"):
-            _check_positive(name, getattr(self, name))
-        _check_positive("initial_step", self.initial_step, allow_zero=True)
+            check_positive(name, getattr(self, name))
+        check_positive("initial_step", self.initial_step, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -209,6 +189,11 @@ class SampleConfig:
     sample_at_first: bool = False
     sample_sampler: str = "euler"
     sample_shift: float | None = None  # default: the model's
+    sample_ema: bool = False  # render samples with the EMA weights (with --ema)
+
+    def __post_init__(self) -> None:
+        check_positive("sample_every_n_steps", self.sample_every_n_steps)
+        check_positive("sample_every_n_epochs", self.sample_every_n_epochs)
 
 
 @dataclass(frozen=True)
@@ -216,9 +201,38 @@ class LogConfig:
     log_with: str | None = None
     logging_dir: str | None = None
     log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: str | None = None  # TOML of tracker init kwargs (sd-scripts)
+    log_config: bool = False  # record the run's settings in the tracker (secrets redacted)
+    wandb_api_key: str | None = None
+    wandb_run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self, CHOICES)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None  # validation batches per evaluation (default: all)
+
+    def __post_init__(self) -> None:
+        for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+            check_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    ema: bool = False
+    ema_decay: float = 0.999
+    ema_update_every: int = 1
+    ema_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_choices(self, CHOICES)
+        check_rate("ema_decay", self.ema_decay)
+        check_positive("ema_update_every", self.ema_update_every)
 
 
 @dataclass(frozen=True)
@@ -244,23 +258,24 @@ class NetworkConfig:
     training_comment: str | None = None
 
     def __post_init__(self) -> None:
-        _check_positive("network_dim", self.network_dim)
-        _check_positive("unet_lr", self.unet_lr, allow_zero=True)
-        _check_positive("scale_weight_norms", self.scale_weight_norms)
+        check_positive("network_dim", self.network_dim)
+        check_positive("unet_lr", self.unet_lr, allow_zero=True)
+        check_positive("scale_weight_norms", self.scale_weight_norms)
         if self.network_dropout is not None:
-            _check_rate("network_dropout", self.network_dropout)
-        _check(len(self.text_encoder_lr) <= 3, f"--text_encoder_lr takes 1 to 3 values (CLIP-L, CLIP-G, T5), "
+            check_rate("network_dropout", self.network_dropout)
+        check(len(self.text_encoder_lr) <= 3, f"--text_encoder_lr takes 1 to 3 values (CLIP-L, CLIP-G, T5), "
                f"got {len(self.text_encoder_lr)}")
-        _check(all(v >= 0 for v in self.text_encoder_lr), "--text_encoder_lr values must be >= 0")
-        _check(not (self.network_train_unet_only and self.network_train_text_encoder_only),
+        check(all(v >= 0 for v in self.text_encoder_lr), "--text_encoder_lr values must be >= 0")
+        check(not (self.network_train_unet_only and self.network_train_text_encoder_only),
                "--network_train_unet_only and --network_train_text_encoder_only exclude each other: pick one")
-        _check(len(self.base_weights_multiplier) in (0, len(self.base_weights)),
+        check(len(self.base_weights_multiplier) in (0, len(self.base_weights)),
                f"--base_weights_multiplier needs one value per --base_weights file ({len(self.base_weights)})")
 
 
 SECTIONS: Mapping[str, type] = types.MappingProxyType({
     "model": ModelConfig, "train": TrainConfig, "flow": FlowConfig, "optimizer": OptimizerConfig,
-    "save": SaveConfig, "sample": SampleConfig, "log": LogConfig, "network": NetworkConfig,
+    "save": SaveConfig, "sample": SampleConfig, "log": LogConfig, "validation": ValidationConfig,
+    "ema": EmaConfig, "network": NetworkConfig,
 })
 NETWORK_ONLY = ("network",)  # sections whose flags only sd3_train_network.py offers
 
@@ -276,6 +291,8 @@ class RunConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     network: NetworkConfig | None = None  # set for network training only
 
     @staticmethod
@@ -302,7 +319,7 @@ class RunConfig:
         parts = {}
         for name, section in SECTIONS.items():
             hints = typing.get_type_hints(section)
-            values = {f.name: _coerce(f.name, hints[f.name], flat[f.name])
+            values = {f.name: coerce(f.name, hints[f.name], flat[f.name])
                       for f in dataclasses.fields(section) if f.name in flat}
             if name not in NETWORK_ONLY or values:
                 parts[name] = section(**values)
@@ -318,43 +335,3 @@ def _section_dict(section: Any) -> dict[str, Any]:
     return out
 
 
-def flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
-    """sd-scripts' reading of a config file: top-level keys plus the keys of each table, one level deep."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        items: Iterable[tuple[str, Any]] = value.items() if isinstance(value, Mapping) else ((key, value),)
-        for name, item in items:
-            if isinstance(item, Mapping):
-                raise UserError(f"config table [{key}.{name}] is nested too deep: use flag names in [{key}]")
-            if name in flat:
-                raise UserError(f"config key {name!r} is given twice")
-            flat[name] = item
-    return flat
-
-
-def unknown_name_error(what: str, name: str, valid: Iterable[str]) -> UserError:
-    """``unknown <what> 'name' (did you mean 'nearest'?)`` — the one message for misspelt keys and values."""
-    near = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return UserError(f"unknown {what} {name!r}{hint}")
-
-
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """``value`` as the field type ``hint`` (int -> float where a float is wanted, list -> tuple)."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(name, option, value)
-            except UserError:
-                continue
-    elif typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(name, item, v) for v in value)
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise UserError(f"config key {name!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")

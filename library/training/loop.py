@@ -55,6 +55,11 @@ class LoopState:
     loss_history: list[float] = field(default_factory=list)
     samples_seen: int = 0  # this rank, this process (not restored on resume)
     sample_digest: int = 0  # order-independent digest of the sample ids this rank trained on
+    # The last optimizer step, for loggers (not saved): gradient norm before clipping (None when not
+    # clipped), the σ of its batches, and the learning rate of each parameter group by name.
+    grad_norm: float | None = None
+    sigmas: list[float] = field(default_factory=list)
+    lrs: dict[str, float] = field(default_factory=dict)
 
 
 class LoopHooks:
@@ -121,12 +126,21 @@ def _finite(result: StepResult) -> bool:
     return bool(torch.isfinite(result.loss.detach()).item())
 
 
-def _update(accelerator, params: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> None:
+def _update(accelerator, params: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> float | None:
+    """One optimizer update; returns the global gradient norm before clipping (None without clipping)."""
+    norm = None
     if max_grad_norm and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, max_grad_norm)  # one global norm over every trained tensor
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # one global norm over every trained tensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return None if norm is None else float(norm)
+
+
+def group_lrs(optimizer, scheduler) -> dict[str, float]:
+    """Learning rate per parameter group, keyed by the group's ``name`` (else ``group<i>``)."""
+    rates = scheduler.get_last_lr()
+    return {str(g.get("name") or f"group{i}"): float(lr) for i, (g, lr) in enumerate(zip(optimizer.param_groups, rates))}
 
 
 def _bad_step(state: LoopState, settings: LoopSettings, optimizer, epoch: int, index: int) -> None:
@@ -169,6 +183,7 @@ def run_loop(
             state.sample_digest ^= _digest(batches[index].samples)
             with accelerator.accumulate(trainable):
                 result = step_fn(batch, generator)
+                state.sigmas.extend(float(x) for x in result.sigmas.detach().flatten().cpu())
                 if not _finite(result):
                     _bad_step(state, settings, optimizer, epoch, index)
                     state.position = DataPosition(epoch, index + 1)
@@ -176,17 +191,19 @@ def run_loop(
                 state.bad_steps = 0
                 accelerator.backward(result.loss)
                 if accelerator.sync_gradients:
-                    _update(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
+                    state.grad_norm = _update(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
             state.position = DataPosition(epoch, index + 1)
             if accelerator.sync_gradients:
                 state.global_step += 1
                 loss = float(result.loss.detach())
                 state.loss_history.append(loss)
                 lr = scheduler.get_last_lr()[0]
+                state.lrs = group_lrs(optimizer, scheduler)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average_loss(state.loss_history):.4f}", lr=f"{lr:.2e}")
                 hooks.on_step_end(state, loss, lr)
+                state.sigmas = []
                 if state.global_step >= settings.max_train_steps:
                     break
         if state.global_step >= settings.max_train_steps and state.position.batch_index < len(batches):

@@ -69,6 +69,7 @@ class TrainState:
     model_signature: str
     trainer: str = TRAINER_NAME
     trainer_version: str = "unversioned"
+    output_name: str = ""  # --output_name of the run that saved it (a curriculum finds the stage by it)
     rng: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,7 @@ class TrainState:
             model_signature=str(data["model_signature"]),
             trainer=str(data.get("trainer", TRAINER_NAME)),
             trainer_version=str(data.get("trainer_version", "unversioned")),
+            output_name=str(data.get("output_name", "")),
             rng=rng,
         )
 
