@@ -295,6 +295,9 @@ class RunConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     network: NetworkConfig | None = None  # set for network training only
 
+    def __post_init__(self) -> None:
+        check(not (self.sample.sample_ema and not self.ema.ema), "--sample_ema renders with the EMA weights: add --ema")
+
     @staticmethod
     def flag_names() -> tuple[str, ...]:
         """Every flat key (= flag name), section by section."""

@@ -13,7 +13,7 @@ PROJECT_TOP = ("library", "networks", "tools", "sd3_train", "sd3_train_network",
 # module prefix -> project prefixes it may import (library.errors is a leaf every layer may use)
 ALLOWED = {
     "library.flow": ("library.flow", "library.errors"),
-    "library.config": ("library.errors",),
+    "library.config": ("library.errors", "library.config_values"),  # config_values: its checks and coercion
     "library.models": ("library.models", "library.flow", "library.errors"),
     "library.data": ("library.data", "library.flow", "library.config", "library.errors", "library.runtime"),
     "networks.functional": (),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +26,7 @@ from library.data.buckets import assign_buckets
 from library.data.captions import caption_variants, is_dropped, needs_variants, process_caption
 from library.data.latent_cache import LatentCacheItem, latent_cache_path, latent_cache_record, read_latent_cache
 from library.data.sources import ImageRecord, blueprint_records
-from library.data.spec import DatasetBlueprint, DatasetSpec, SubsetSpec
+from library.data.spec import AugmentOptions, CaptionOptions, DatasetBlueprint, DatasetSpec, SubsetSpec
 from library.data.te_cache import TeCacheItem, read_te_cache, te_cache_path, te_cache_record
 from library.errors import UserError
 
@@ -84,6 +84,12 @@ def sample_rng(seed: int, epoch: int, sample: int) -> random.Random:
 
 class TrainingData:
     def __init__(self, blueprint: DatasetBlueprint, cache: CacheOptions = CacheOptions(), seed: int = 0) -> None:
+        self._init_empty(blueprint, cache, seed)
+        for group in blueprint_records(blueprint, seed):
+            self._add_dataset(blueprint.datasets[group.dataset_index], group.dataset_index, group.train)
+            self.validation.extend(group.validation)
+
+    def _init_empty(self, blueprint: DatasetBlueprint, cache: CacheOptions, seed: int) -> None:
         self.blueprint, self.cache, self.seed = blueprint, cache, seed
         self.records: list[ImageRecord] = []
         self.buckets: list[tuple[int, int]] = []  # per record
@@ -92,9 +98,20 @@ class TrainingData:
         self._variants: dict[int, list[str]] = {}
         self.skipped: list[tuple[str, str]] = []  # (image, reason) of unreadable images
         self._memory: dict[tuple, dict[str, torch.Tensor]] = {}  # decoded caches (keep_in_memory)
-        for group in blueprint_records(blueprint, seed):
-            self._add_dataset(blueprint.datasets[group.dataset_index], group.dataset_index, group.train)
-            self.validation.extend(group.validation)
+
+    def validation_data(self) -> TrainingData | None:
+        """The held-out images (``validation_split``) as data of their own, or None: each image once, no
+        augmentation and no caption randomness (shuffle, dropout, warm-up), so every pass sees the same
+        inputs. Its caches are made like the training ones (same files beside the images)."""
+        if not self.validation:
+            return None
+        plain = DatasetBlueprint(tuple(replace(spec, subsets=tuple(_plain_subset(s) for s in spec.subsets))
+                                       for spec in self.blueprint.datasets))
+        held = TrainingData.__new__(TrainingData)
+        held._init_empty(plain, self.cache, self.seed)
+        for index, spec in enumerate(plain.datasets):
+            held._add_dataset(spec, index, [r for r in self.validation if r.dataset_index == index])
+        return held
 
     def _readable(self, records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[tuple[int, int]]]:
         """Records whose size can be read, with their sizes; the others are reported and skipped."""
@@ -281,6 +298,15 @@ class TrainingData:
             masks=_stack_masks(masks),
             paths=paths,
         )
+
+
+def _plain_subset(subset: SubsetSpec) -> SubsetSpec:
+    """``subset`` without augmentation or caption randomness (how a validation image is read)."""
+    c = subset.captions
+    captions = CaptionOptions(caption_extension=c.caption_extension, caption_prefix=c.caption_prefix,
+                              caption_suffix=c.caption_suffix, caption_separator=c.caption_separator,
+                              keep_tokens_separator=c.keep_tokens_separator, secondary_separator=c.secondary_separator)
+    return replace(subset, captions=captions, augment=AugmentOptions())
 
 
 def _stack_masks(masks: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -24,8 +24,8 @@ from library.errors import UserError
 from library.training import setup
 from library.training.caching import cache_latents, cache_text_outputs, empty_prompt_text, text_encode_fn
 from library.training.checkpoints import SavePolicy, checkpoint_name, interrupted_state_dir_name, model_extension
-from library.training.loop import LoopHooks, LoopSettings, LoopState, run_loop, steps_per_epoch, total_steps
-from library.training.run_hooks import ChainHooks, Run, SaveHooks, Trainee  # noqa: F401 (Trainee: re-exported)
+from library.training.loop import LoopSettings, LoopState, run_loop, steps_per_epoch, total_steps
+from library.training.run_hooks import EMA_PREFIX, ChainHooks, Run, SaveHooks, Trainee  # noqa: F401 (Trainee: re-exported)
 from library.training.state import load_state, model_signature, restore_rng
 from library.training.step import batch_encoder_outputs, batch_latents, conditioning, flow_step
 
@@ -47,6 +47,7 @@ class Prepared:
     total_steps: int
     per_epoch: int
     sampling: object = None  # (SamplePlan, texts -> conditions, VAE) with --sample_prompts
+    validation: TrainingData | None = None  # the held-out images (--validation_split)
 
 
 def _policy(cfg: RunConfig) -> SavePolicy:
@@ -78,20 +79,29 @@ def _resume(run: Run, directory: str) -> LoopState:
     run.optimizer.load_state_dict(loaded.optimizer_state)
     run.scheduler.load_state_dict(loaded.scheduler_state)
     restore_rng(loaded.state.rng, {"step": run.generator})
+    if run.ema is not None:
+        ema = {k[len(EMA_PREFIX):]: v for k, v in loaded.extra.items() if k.startswith(EMA_PREFIX)}
+        if ema:
+            run.ema.load_state_dict(ema)
+        else:
+            logger.warning("state %s has no EMA: the EMA starts from the resumed weights", directory)
     history = loaded.extra.get("loss_history")
     return LoopState(global_step=loaded.state.global_step, position=loaded.state.data_position,
                      loss_history=[] if history is None else [float(x) for x in history])
 
 
-def _cache(prep_models: setup.Models, data, cache: CacheOptions, accelerator, batch: tuple[int, int],
-           trains_text: bool):
-    """Fill the caches (each rank its share), then free what training no longer needs."""
+def _cache(prep_models: setup.Models, datas: list[TrainingData], cache: CacheOptions, accelerator,
+           batch: tuple[int, int], trains_text: bool):
+    """Fill the caches (training and validation data; each rank its share), then free what training no
+    longer needs."""
     shard = (accelerator.process_index, accelerator.num_processes)
     empty = None
-    if cache.cache_latents:
-        cache_latents(data, prep_models.vae, batch_size=batch[0], shard=shard)
+    for data in datas:
+        if cache.cache_latents:
+            cache_latents(data, prep_models.vae, batch_size=batch[0], shard=shard)
+        if cache.cache_text_encoder_outputs:
+            cache_text_outputs(data, prep_models.encoders, prep_models.tokenizers, batch_size=batch[1], shard=shard)
     if cache.cache_text_encoder_outputs:
-        cache_text_outputs(data, prep_models.encoders, prep_models.tokenizers, batch_size=batch[1], shard=shard)
         encode = text_encode_fn(prep_models.encoders, prep_models.tokenizers, t5_max_length=cache.t5_max_length,
                                 apply_t5_attn_mask=cache.apply_t5_attn_mask, parts=cache.te_parts)
         empty = empty_prompt_text(encode)
@@ -126,11 +136,12 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     vae_id, text_id = setup.identities(cfg, models.checkpoint)
     cache = dataclasses.replace(cache, vae_identity=vae_id, encoder_identity=text_id)
     data = TrainingData(blueprint, cache, seed=seed)
-    empty = _cache(models, data, cache, accelerator, batch_sizes, trains_text)
+    held = data.validation_data()
+    empty = _cache(models, [data] + ([held] if held is not None else []), cache, accelerator, batch_sizes, trains_text)
     per_epoch = steps_per_epoch(data, accelerator.num_processes, cfg.train.gradient_accumulation_steps)
     total = total_steps(cfg.train.max_train_steps, cfg.train.max_train_epochs, per_epoch)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_train_steps=total))
-    return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch, sampling)
+    return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch, sampling, held)
 
 
 def _sampling(cfg: RunConfig, models: setup.Models, device: torch.device):
@@ -171,18 +182,38 @@ def _live_text(models: setup.Models, cache: CacheOptions):
     return encode
 
 
+def _inputs(prep: Prepared, settings, device: torch.device, vae_encode):
+    """batch, generator -> (x0, conditioning): latents cached or encoded now, captions cached or live."""
+    live = _live_text(prep.models, prep.cache)
+
+    def inputs(batch, generator=None):
+        x0 = batch_latents(batch, vae_encode, device)
+        return x0, conditioning(batch_encoder_outputs(batch, prep.empty, live), prep.models.layout, settings, device,
+                                generator)
+
+    return inputs
+
+
 def _step_fn(run: Run, prep: Prepared):
-    settings, device, models = setup.step_settings(run.cfg), run.accelerator.device, prep.models
+    settings, models = setup.step_settings(run.cfg), prep.models
     vae_encode = None if models.vae is None else (lambda images: _vae_raw(models.vae, images, run.generator))
-    live = _live_text(models, prep.cache)
+    inputs = _inputs(prep, settings, run.accelerator.device, vae_encode)
 
     def step(batch, generator):
-        x0 = batch_latents(batch, vae_encode, device)
-        cond = conditioning(batch_encoder_outputs(batch, prep.empty, live), models.layout, settings, device, generator)
+        x0, cond = inputs(batch, generator)
         return flow_step(run.model, x0, cond, settings, loss_weights=batch.loss_weights, masks=batch.masks,
                          generator=generator, autocast_dtype=prep.autocast)
 
     return step
+
+
+def _validation_inputs(run: Run, prep: Prepared):
+    """Validation inputs: no encoder dropout; images encoded to the VAE posterior mean (deterministic)."""
+    settings = dataclasses.replace(setup.step_settings(run.cfg), clip_l_dropout_rate=0.0, clip_g_dropout_rate=0.0,
+                                   t5_dropout_rate=0.0)
+    vae = prep.models.vae
+    return _inputs(prep, settings, run.accelerator.device,
+                   None if vae is None else (lambda images: vae.encode_moments(images)[0]))
 
 
 def _vae_raw(vae, images, generator):
@@ -199,7 +230,13 @@ def _make_run(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Run:
     generator = torch.Generator().manual_seed(prep.seed + accelerator.process_index)
     shapes = {k: tuple(v.shape) for k, v in trainee.state_tensors(accelerator.unwrap_model(model)).items()}
     signature = model_signature(prep.models.mmdit.config, shapes)
-    return Run(cfg, accelerator, trainee, model, optimizer, scheduler, generator, _policy(cfg), signature, settings_meta)
+    run = Run(cfg, accelerator, trainee, model, optimizer, scheduler, generator, _policy(cfg), signature, settings_meta)
+    if cfg.ema.ema:
+        from library.training.ema import EmaWeights
+
+        device = accelerator.device if cfg.ema.ema_device == "gpu" else torch.device("cpu")
+        run.ema = EmaWeights(run.trained(), cfg.ema.ema_decay, device)
+    return run
 
 
 def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
@@ -208,8 +245,10 @@ def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
     cfg = run.cfg
     per_epoch_batches = prep.per_epoch * cfg.train.gradient_accumulation_steps
     state = _resume(run, cfg.save.resume) if cfg.save.resume else _start_state(cfg, per_epoch_batches)
+    from library.training.watch import watch_hooks
+
     saver = SaveHooks(run)
-    hooks = [*trainee.step_hooks(), *_sample_hooks(run, prep), saver]
+    hooks = [*trainee.step_hooks(), *watch_hooks(run, prep, _validation_inputs(run, prep)), saver]
     settings = LoopSettings(prep.total_steps, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm,
                             cfg.train.max_bad_steps, prep.seed, cfg.train.max_data_loader_n_workers)
     try:
@@ -223,20 +262,11 @@ def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:
         saver.save_state_dir(name, state)
         raise UserError(f"interrupted at step {state.global_step}; resume with --resume "
                         f"{Path(cfg.save.output_dir) / name}") from None
+    finally:
+        for hook in hooks:  # trackers flush and close even when the run stops early
+            if hasattr(hook, "close"):
+                hook.close()
     return Path(cfg.save.output_dir) / checkpoint_name(run.policy.output_name, ext=run.policy.ext)
-
-
-def _sample_hooks(run: Run, prep: Prepared) -> list[LoopHooks]:
-    if prep.sampling is None:
-        return []
-    from library.training.sampling import SampleContext, SampleHooks
-
-    plan, conditions, vae = prep.sampling
-    ctx = SampleContext(model=lambda: run.accelerator.unwrap_model(run.model), vae=lambda: vae.to(run.accelerator.device),
-                        conditions=conditions, device=run.accelerator.device, compute_dtype=prep.autocast,
-                        out_dir=Path(run.cfg.save.output_dir) / "sample", output_name=run.cfg.save.output_name,
-                        is_main=run.accelerator.is_main_process)
-    return [SampleHooks(plan, ctx)]
 
 
 def _ddp_handlers(cfg: RunConfig) -> list:

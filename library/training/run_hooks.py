@@ -50,6 +50,13 @@ class Run:
     policy: SavePolicy
     signature: str
     settings_meta: dict
+    ema: object = None  # EmaWeights with --ema
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The trained parameters of the unwrapped model, by name (what the EMA follows)."""
+        from library.training.ema import trained_tensors
+
+        return trained_tensors(self.accelerator.unwrap_model(self.model))
 
 
 class ChainHooks(LoopHooks):
@@ -82,14 +89,21 @@ class SaveHooks(LoopHooks):
         self.run = run
         self.out = Path(run.cfg.save.output_dir)
 
-    def _save_model(self, name: str, state: LoopState) -> None:
-        run = self.run
+    def _save_model(self, name_args: dict, state: LoopState) -> None:
+        """``<name>[-…].safetensors``, and with --ema ``<name>_ema[-…].safetensors`` beside it."""
+        run, policy = self.run, self.run.policy
         if not run.accelerator.is_main_process:
             return
         optimizer_eval(run.optimizer)  # schedule-free optimizers hold their averaged weights in eval mode
         settings = {**run.settings_meta, "steps": state.global_step, "epoch": state.position.epoch}
+        module = run.accelerator.unwrap_model(run.model)
         try:
-            run.trainee.write_model(self.out / name, run.accelerator.unwrap_model(run.model), settings)
+            run.trainee.write_model(self.out / checkpoint_name(policy.output_name, ext=policy.ext, **name_args),
+                                    module, settings)
+            if run.ema is not None:
+                with run.ema.applied(run.trained()):
+                    run.trainee.write_model(self.out / checkpoint_name(ema_name(policy.output_name), ext=policy.ext,
+                                                                       **name_args), module, {**settings, "ema": True})
         finally:
             optimizer_train(run.optimizer)
 
@@ -104,15 +118,17 @@ class SaveHooks(LoopHooks):
                                  rng=capture_rng({"step": run.generator}))
         save_state(self.out / name, state=train_state, model_state=run.trainee.state_tensors(module),
                    optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
-                   extra={"loss_history": torch.tensor(state.loss_history[-1000:])})
+                   extra={"loss_history": torch.tensor(state.loss_history[-1000:]), **ema_extra(run.ema)})
 
     def _save_point(self, state: LoopState, name_args: dict, to_remove: list[str]) -> None:
         policy = self.run.policy
-        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext, **name_args), state)
+        self._save_model(name_args, state)
         if policy.save_state:
             self.save_state_dir(state_dir_name(policy.output_name, **name_args), state)
         if self.run.accelerator.is_main_process:
-            prune_outputs(self.out, to_remove)
+            ema_files = [ema_name(policy.output_name) + n[len(policy.output_name):] for n in to_remove
+                         if n.endswith(policy.ext)] if self.run.ema is not None else []
+            prune_outputs(self.out, [*to_remove, *ema_files])
 
     def on_step_end(self, state: LoopState, loss: float, lr: float) -> None:
         policy, step = self.run.policy, state.global_step
@@ -130,7 +146,7 @@ class SaveHooks(LoopHooks):
         logger.info("rank %d/%d: trained on %d samples (digest %08x), weights checksum %s", acc.process_index,
                     acc.num_processes, state.samples_seen, state.sample_digest,
                     _checksum(self.run.trainee.state_tensors(module)))
-        self._save_model(checkpoint_name(policy.output_name, ext=policy.ext), state)
+        self._save_model({}, state)
         if policy.save_state or self.run.cfg.save.save_state_on_train_end:
             self.save_state_dir(state_dir_name(policy.output_name, final=True), state)
 
@@ -140,3 +156,14 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     for value in tensors.values():
         digest.update(value.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+EMA_PREFIX = "ema."  # keys of the EMA tensors in a training state's extra.pt
+
+
+def ema_name(output_name: str) -> str:
+    return f"{output_name}_ema"
+
+
+def ema_extra(ema) -> dict[str, torch.Tensor]:
+    return {} if ema is None else {EMA_PREFIX + k: v for k, v in ema.state_dict().items()}

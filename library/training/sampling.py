@@ -14,6 +14,8 @@ saved and restored around a round, so sampling never changes training. Files fol
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import time
@@ -96,6 +98,8 @@ class SampleContext:
     out_dir: Path
     output_name: str
     is_main: bool = True
+    weights: Callable[[], Any] | None = None  # a context manager the round runs in (e.g. the EMA weights)
+    report: Callable[[str, int, list], None] | None = None  # (label, step, images) of each round, e.g. to a tracker
 
 
 class SampleHooks(LoopHooks):
@@ -107,17 +111,17 @@ class SampleHooks(LoopHooks):
 
     def on_train_start(self, state: LoopState) -> None:
         if self.plan.at_first:
-            self.sample_round(f"{state.global_step:06d}")
+            self.sample_round(f"{state.global_step:06d}", state.global_step)
 
     def on_step_end(self, state: LoopState, loss: float, lr: float) -> None:
         every = self.plan.every_n_steps
         if every and state.global_step % every == 0:
-            self.sample_round(f"{state.global_step:06d}")
+            self.sample_round(f"{state.global_step:06d}", state.global_step)
 
     def on_epoch_end(self, state: LoopState, epoch: int) -> None:
         every = self.plan.every_n_epochs
         if every and epoch % every == 0:
-            self.sample_round(f"e{epoch:06d}")
+            self.sample_round(f"e{epoch:06d}", state.global_step)
 
     def on_train_end(self, state: LoopState) -> None:
         if self.ctx.is_main and len(self.rounds) > 1:
@@ -125,7 +129,7 @@ class SampleHooks(LoopHooks):
             path = self.ctx.out_dir / f"{self.ctx.output_name}_progress.png"
             save_png(image_grid(rows), path, "rows: " + ", ".join(label for label, _ in self.rounds))
 
-    def sample_round(self, label: str) -> list[Path]:
+    def sample_round(self, label: str, step: int = 0) -> list[Path]:
         if not self.ctx.is_main:
             return []
         cpu_rng = torch.get_rng_state()
@@ -134,7 +138,8 @@ class SampleHooks(LoopHooks):
         was_training = model.training
         model.eval()
         try:
-            paths, images = self._render_all(model, label)
+            with self.ctx.weights() if self.ctx.weights is not None else contextlib.nullcontext():
+                paths, images = self._render_all(model, label)
         finally:
             model.train(was_training)
             torch.set_rng_state(cpu_rng)
@@ -142,6 +147,8 @@ class SampleHooks(LoopHooks):
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.rounds.append((label, images))
         save_png(image_grid([images]), self.ctx.out_dir / f"{self.ctx.output_name}_{label}_grid.png", label)
+        if self.ctx.report is not None:
+            self.ctx.report(label, step, images)
         return paths
 
     @torch.no_grad()
