@@ -55,6 +55,9 @@ class ModelConfig:
     fp8_base: bool = False
     fp8_base_unet: bool = False
     device: str | None = None
+    blocks_to_swap: int | None = None  # the last N joint blocks live on the CPU and stream in around use
+    highvram: bool = False
+    lowram: bool = False
 
     def __post_init__(self) -> None:
         check_positive("t5xxl_max_token_length", self.t5xxl_max_token_length)
@@ -78,6 +81,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     full_bf16: bool = False
+    full_fp16: bool = False
+    fused_backward_pass: bool = False
+    blockwise_fused_optimizers: bool = False
+    cpu_offload_checkpointing: bool = False
     seed: int | None = None
     max_bad_steps: int = 10  # NaN/inf guard: stop after this many consecutive non-finite steps
     clip_l_dropout_rate: float = 0.0
@@ -164,6 +171,7 @@ class SaveConfig:
     resume: str | None = None
     save_clip: bool = False
     save_t5xxl: bool = False
+    mem_eff_save: bool = False
     initial_step: int | None = None
     initial_epoch: int | None = None
     skip_until_initial_step: bool = False
@@ -190,6 +198,7 @@ class SampleConfig:
     sample_sampler: str = "euler"
     sample_shift: float | None = None  # default: the model's
     sample_ema: bool = False  # render samples with the EMA weights (with --ema)
+    blocks_to_swap_while_sampling: int | None = None  # default: --blocks_to_swap
 
     def __post_init__(self) -> None:
         check_positive("sample_every_n_steps", self.sample_every_n_steps)

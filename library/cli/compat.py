@@ -29,10 +29,7 @@ IGNORED_FLAGS: Mapping[str, tuple[type | None, str]] = types.MappingProxyType({
     "min_snr_gamma": (float, _EPS_ONLY + "; see --weighting_scheme / --loss_weighting"),
     "scale_v_pred_loss_like_noise_pred": (None, _EPS_ONLY),
     "debiased_estimation_loss": (None, _EPS_ONLY + "; see --weighting_scheme / --loss_weighting"),
-    "lowram": (None, _NO_EFFECT),
-    "highvram": (None, _NO_EFFECT),
     "no_half_vae": (None, _NO_EFFECT),
-    "cpu_offload_checkpointing": (None, "ignored: not available for SD3 (as in sd-scripts)"),
     "clip_skip": (int, "ignored: SD3 always uses the penultimate CLIP layer"),
 })
 
