@@ -11,16 +11,22 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
-def _run(argv: list[str] | None) -> None:
+def _run(argv: list[str] | None) -> Path | None:
+    """One run (or, with --stages, the curriculum); returns the final model file (None when nothing trains)."""
     from library.cli import data as data_flags
     from library.cli import train as train_flags
 
     cfg, ns = train_flags.parse_train_args(argv)
+    if ns.stages:
+        from library.cli.stages import run_stages
+
+        return run_stages(argv, _run, network=False)
     if ns.output_config:
         print(f"wrote {train_flags.write_output_config(cfg, ns)}")
-        return
+        return None
     blueprint = data_flags.dataset_blueprint(ns)
     if ns.debug_dataset:
         from library.data.dataset import TrainingData
@@ -28,7 +34,7 @@ def _run(argv: list[str] | None) -> None:
 
         report, png = write_debug_view(TrainingData(blueprint, seed=cfg.train.seed or 0), cfg.save.output_dir)
         print(report, f"contact sheet: {png}", sep="\n")
-        return
+        return None
     from library.training.setup import make_work_dir
     from library.training.trainer import train_full
 
@@ -38,6 +44,7 @@ def _run(argv: list[str] | None) -> None:
     final = train_full(cfg, blueprint, cache, vae_batch_size=ns.vae_batch_size,
                        text_batch_size=ns.text_encoder_batch_size or cfg_batch(ns))
     print(f"saved {final}")
+    return final
 
 
 def cfg_batch(ns) -> int:

@@ -21,7 +21,7 @@ import toml
 from library.config import flatten_toml, unknown_name_error
 from library.errors import UserError
 
-NOT_IN_FILES = ("help", "config_file", "output_config")
+NOT_IN_FILES = ("help", "config_file", "output_config", "stages")
 
 
 def config_path(text: str | os.PathLike[str]) -> Path:

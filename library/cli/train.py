@@ -52,6 +52,15 @@ HELP = {
     "train_text_encoder": "also train CLIP-L and CLIP-G", "train_t5xxl": "also train T5-XXL",
     "num_last_block_to_freeze": "freeze the last N MMDiT blocks",
     "full_bf16": "bf16 weights and gradients (with --mixed_precision bf16)",
+    "full_fp16": "fp16 weights and gradients (with --mixed_precision fp16; GPU only)",
+    "blocks_to_swap": "keep the last N MMDiT blocks on the CPU, streamed to the GPU around use (max depth - 2)",
+    "blocks_to_swap_while_sampling": "block swap while rendering samples (default --blocks_to_swap)",
+    "fused_backward_pass": "optimizer step inside backward, per parameter (Adafactor; full fine-tune)",
+    "blockwise_fused_optimizers": "one optimizer per block group, stepped during backward (full fine-tune)",
+    "cpu_offload_checkpointing": "keep checkpointed activations in CPU memory (with --gradient_checkpointing)",
+    "mem_eff_save": "write saved tensors one by one, without a second copy of the model in RAM",
+    "highvram": "keep the VAE and text encoders on the GPU between uses",
+    "lowram": "load weights straight to the GPU (less CPU RAM)",
     "max_bad_steps": "stop after this many consecutive steps with a NaN/inf loss (default 10)",
     "fp8_base": "keep the frozen base weights in float8_e4m3fn (network training)",
     "pos_emb_random_crop_rate": "probability of a random position-embedding crop (SD3.5-M)",
@@ -164,6 +173,8 @@ def train_parser(network: bool = False) -> argparse.ArgumentParser:
     what = "LoRA / LoKr networks for" if network else ""
     p = ArgumentParser(description=f"Train {what} SD3 / SD3.5 (flags as in kohya-ss/sd-scripts).".replace("  ", " "))
     p.add_argument("--config_file", help="TOML of flag names (flat or in [sections]); command-line flags override it")
+    p.add_argument("--stages", help="TOML of [[stage]] tables: a curriculum run in one invocation, each stage "
+                   "overriding flags and starting from the previous stage's weights (see library/cli/stages.py)")
     p.add_argument("--output_config", action="store_true",
                    help="write the resolved flags to --config_file and stop (an existing file is not overwritten)")
     add_model_flags(p)
