@@ -101,3 +101,21 @@ def test_network_ema_with_decay_zero_is_the_raw_network(tiny_models, tmp_path):
     raw, ema = _tensors(tmp_path / "net" / "net.safetensors"), _tensors(tmp_path / "net" / "net_ema.safetensors")
     assert raw.keys() == ema.keys() and all(torch.equal(raw[k], ema[k]) for k in raw)
     assert any(k.endswith("lora_up.weight") and raw[k].abs().sum() > 0 for k in raw)  # it did train
+
+
+@pytest.mark.slow
+def test_sample_ema_renders_with_the_average(tiny_models, tmp_path):
+    """Decay 1 keeps the starting weights as the average: --sample_ema samples at the end equal the first ones."""
+    files = tiny_models("sd35-medium")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("blue dot --w 32 --h 32 --s 2 --l 1 --d 3\n")
+    pixels = {}
+    for name, extra in (("avg", ["--sample_ema"]), ("raw", [])):
+        argv = _common(files, tmp_path, name, "--network_module", "networks.lora_sd3", "--learning_rate", "5e-2",
+                       "--ema", "--ema_decay", "1", "--sample_prompts", str(prompts), "--sample_at_first",
+                       "--sample_every_n_steps", "3", *extra)
+        assert sd3_train_network.main(argv) == 0
+        shots = [sorted((tmp_path / name / "sample").glob(f"{name}_{label}_00_*.png")) for label in ("000000", "000003")]
+        pixels[name] = [torch.tensor(list(Image.open(s[0]).getdata())) for s in shots]
+    assert torch.equal(pixels["avg"][0], pixels["avg"][1])
+    assert not torch.equal(pixels["raw"][0], pixels["raw"][1])  # the raw weights did move the samples
