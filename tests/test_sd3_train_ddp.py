@@ -33,4 +33,4 @@ def test_two_process_ddp(tiny_models, tmp_path):
     assert sorted(r[0] for r in ranks) == ["0", "1"], log[-3000:]
     assert ranks[0][3] == ranks[1][3]  # identical weights on both ranks
     assert ranks[0][2] != ranks[1][2] and int(ranks[0][1]) > 0 and int(ranks[1][1]) > 0  # different data
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddp.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddp.safetensors", "loss.png"]  # rank 0 writes
