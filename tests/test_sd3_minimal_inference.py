@@ -105,6 +105,7 @@ def test_same_seed_same_image_regardless_of_batch(tiny_models, tmp_path, capsys)
         (["--prompt", "a cat --q 3"], "unknown inline option --q"),
         (["--prompt", "a cat --w wide"], "--w"),
         (["--scheduler", "karras"], "unknown scheduler"),
+        (["--blocks_to_swap", 2], "at most 1 can swap"),
     ],
 )
 def test_bad_input_is_one_line(extra, needle, tiny_models, tmp_path, capsys):
@@ -173,3 +174,28 @@ def test_lora_weights_on_the_fly_equal_merged(tiny_models, tmp_path, capsys):
     assert (results["fly"] - results["none"]).abs().max().item() > 1e-3  # the networks really act
     code, _, err = _run(base + ["--lora_weights", f"{files.checkpoint};1.0"], capsys)
     assert code == 2 and "not an SD3 LoRA/LoKr file" in err
+
+
+def test_block_swap_gives_the_same_latents(tiny_models, tmp_path, capsys):
+    """--blocks_to_swap 1 (with --offload, a LoRA on the fly, and SLG skipping the swapped block): same latents."""
+    from safetensors.torch import load_file
+
+    from library.models.loading import load_mmdit
+    from networks import lora_sd3
+    from tests.networks.test_network import randomise
+
+    files = tiny_models("sd35-medium")
+    network = lora_sd3.create_network(1.0, 4, 2.0, None, None, load_mmdit(files.checkpoint))
+    randomise(network, seed=3)
+    network.save_weights(tmp_path / "net.safetensors")
+    base = ["--ckpt_path", files.checkpoint, "--tokenizer_cache_dir", files.tokenizer_dir, "--prompt", "a cat",
+            "--steps", 4, "--width", 64, "--height", 48, "--seed", 4, "--output_dir", tmp_path / "o",
+            "--lora_weights", f"{tmp_path / 'net.safetensors'};0.7", "--skip_layer_guidance_scale", 2.5,
+            "--skip_layer_guidance_layers", "1,2", "--skip_layer_guidance_start", 0.0, "--skip_layer_guidance_stop", 1.0]
+    latents = []
+    for extra in ([], ["--blocks_to_swap", 1], ["--blocks_to_swap", 1, "--offload"]):
+        out = tmp_path / f"{len(latents)}.safetensors"
+        code, _, err = _run(base + extra + ["--output_latents", out], capsys)
+        assert code == 0, err
+        latents.append(load_file(str(out))["latents_0000"])
+    assert latents[0].abs().max() > 0 and all(torch.equal(latents[0], other) for other in latents[1:])

@@ -102,6 +102,19 @@ def test_resumed_network_run_equals_the_uninterrupted_one(tiny_models, tmp_path,
 
 
 @pytest.mark.slow
+def test_a_second_run_on_existing_caches_trains_the_same(tiny_models, tmp_path, capsys):
+    """Caching draws random numbers; a run that finds its caches ready must still train identically."""
+    files = tiny_models("sd35-medium")
+    common = ("--network_module", "networks.lora_sd3", "--network_dim", "4", "--network_train_unet_only")
+    for name in ("fresh", "cached"):
+        code, err = _run(_argv(files, tmp_path, *common, name=name), capsys)
+        assert code == 0, err
+    first, _ = _file(tmp_path / "out" / "fresh.safetensors")
+    second, _ = _file(tmp_path / "out" / "cached.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
 def test_scale_weight_norms_caps_every_module(tiny_models, tmp_path, capsys):
     files = tiny_models("sd35-medium")
     code, err = _run(_argv(files, tmp_path, "--network_module", "networks.lora_sd3", "--network_dim", "4",

@@ -31,20 +31,7 @@ def _add_file_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--clip_l", help="separate CLIP-L file (else taken from the checkpoint)")
-    g.add_argument("--clip_g", help="separate CLIP-G file (else taken from the checkpoint)")
-    g.add_argument("--t5xxl", help="separate T5-XXL file (else taken from the checkpoint)")
-    g.add_argument("--vae", help="separate VAE file (else taken from the (first) checkpoint)")
-    g.add_argument("--tokenizer_cache_dir", help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ (save_pretrained layout)")
-    g.add_argument("--t5xxl_token_length", type=int, default=256, help="T5 tokens (default 256)")
-    g.add_argument("--apply_lg_attn_mask", action="store_true", help="zero CLIP-L/G padding embeddings")
-    g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (in T5 and its embeddings)")
-    g.add_argument("--disable_mmap_load_safetensors", action="store_true", help="read files in one go instead of mmap")
-    g.add_argument("--fp16", action="store_true", help="fp16 weights (GPU only)")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
-    g.add_argument("--offload", action="store_true", help="keep idle models on the CPU")
+    inference.add_model_file_flags(p.add_argument_group("models"))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

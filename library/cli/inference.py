@@ -31,6 +31,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--ckpt_path", help="SD3 / SD3.5 single-file checkpoint (.safetensors)")
+    add_model_file_flags(g)
+    g.add_argument("--lora_weights", nargs="*", default=[], help="networks as 'path;multiplier' (LoRA or LoKr)")
+    g.add_argument("--merge_lora_weights", action="store_true", help="fold --lora_weights into the weights")
+
+
+def add_model_file_flags(g) -> None:
+    """Separate component files, precision, device, offload and block swap: the model flags every
+    rendering tool shares (sd3_minimal_inference.py, tools/compare_checkpoints.py)."""
     g.add_argument("--clip_l", help="separate CLIP-L file (else taken from the checkpoint)")
     g.add_argument("--clip_g", help="separate CLIP-G file (else taken from the checkpoint)")
     g.add_argument("--t5xxl", help="separate T5-XXL file (else taken from the checkpoint)")
@@ -44,8 +52,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 weights")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda if available)")
     g.add_argument("--offload", action="store_true", help="keep idle models on the CPU")
-    g.add_argument("--lora_weights", nargs="*", default=[], help="networks as 'path;multiplier' (LoRA or LoKr)")
-    g.add_argument("--merge_lora_weights", action="store_true", help="fold --lora_weights into the weights")
+    g.add_argument("--blocks_to_swap", type=int, default=0,
+                   help="keep the last N MMDiT blocks on the CPU, streamed to the GPU around use (max depth - 2)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -87,7 +95,8 @@ def load_options(ns: argparse.Namespace) -> LoadOptions:
     dtype = torch.float16 if ns.fp16 else torch.bfloat16 if ns.bf16 else torch.float32
     return LoadOptions(device=models.device(ns), dtype=dtype, mmap=not ns.disable_mmap_load_safetensors,
                        t5_max_length=ns.t5xxl_token_length, apply_lg_attn_mask=ns.apply_lg_attn_mask,
-                       apply_t5_attn_mask=ns.apply_t5_attn_mask, offload=ns.offload)
+                       apply_t5_attn_mask=ns.apply_t5_attn_mask, offload=ns.offload,
+                       blocks_to_swap=ns.blocks_to_swap)
 
 
 def model_sources(ns: argparse.Namespace) -> ModelSources:

@@ -55,7 +55,7 @@ HELP = {
     "full_fp16": "fp16 weights and gradients (with --mixed_precision fp16; GPU only)",
     "blocks_to_swap": "keep the last N MMDiT blocks on the CPU, streamed to the GPU around use (max depth - 2)",
     "blocks_to_swap_while_sampling": "block swap while rendering samples (default --blocks_to_swap)",
-    "fused_backward_pass": "optimizer step inside backward, per parameter (Adafactor; full fine-tune)",
+    "fused_backward_pass": "optimizer step inside backward, per parameter (Adafactor, AdamW, Adam, SGD; full fine-tune)",
     "blockwise_fused_optimizers": "one optimizer per block group, stepped during backward (full fine-tune)",
     "cpu_offload_checkpointing": "keep checkpointed activations in CPU memory (with --gradient_checkpointing)",
     "mem_eff_save": "write saved tensors one by one, without a second copy of the model in RAM",

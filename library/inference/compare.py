@@ -203,12 +203,12 @@ def _has_text_encoders(path: Path) -> bool:
 
 def _switch_checkpoint(models: ModelSet, path: Path, sources: ModelSources, reload_encoders: bool) -> None:
     """Replace the MMDiT (and, when asked, the text encoders) of ``models`` by those of ``path``."""
-    from library.models.loading import load_mmdit
+    from library.inference.pipeline import load_placed_mmdit
     from library.models.text_encoders import load_text_encoders
 
     opts, config = models.options, models.mmdit.config
-    models.mmdit = None  # type: ignore[assignment]  # free the previous weights before loading the next
-    models.mmdit = load_mmdit(path, dtype=opts.dtype, device="cpu" if opts.offload else opts.device, mmap=opts.mmap)
+    models.mmdit, models.swap = None, None  # type: ignore[assignment]  # free the previous weights first
+    models.mmdit, models.swap = load_placed_mmdit(path, opts)
     if models.mmdit.config != config:
         raise UserError(f"{path} is a different model architecture than the first checkpoint; compare one model's saves")
     if reload_encoders:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -17,12 +18,13 @@ from PIL import Image
 from library.errors import UserError
 from library.inference.images import tensor_to_images
 from library.inference.sampling import SamplingParams, sample_latents
-from library.models.loading import load_mmdit
+from library.models.loading import load_mmdit, read_mmdit_config
 from library.models.mmdit import MMDiT
 from library.models.prompt_encoding import Conditioning, TextLayout, encode_prompts, layout_from_encoders
 from library.models.text_encoders import TextEncoders, load_text_encoders
 from library.models.tokenizers import Tokenizers, load_tokenizers
 from library.models.vae import SD3VAE, load_vae
+from library.runtime.block_swap import BlockSwap, align_cpu_tensors, check_blocks_to_swap, place_model
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class LoadOptions:
     apply_lg_attn_mask: bool = False
     apply_t5_attn_mask: bool = False
     offload: bool = False  # park idle models on the CPU
+    blocks_to_swap: int = 0  # the MMDiT's last N joint blocks stay on the CPU and stream in around use
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ModelSet:
     tokenizers: Tokenizers
     layout: TextLayout
     options: LoadOptions
+    swap: BlockSwap | None = None  # the MMDiT's block swap (--blocks_to_swap)
 
     @property
     def variant(self) -> str:
@@ -84,7 +88,7 @@ def load_models(sources: ModelSources, options: LoadOptions) -> ModelSet:
     if options.dtype == torch.float16 and not options.device.startswith(("cuda", "mps")):
         raise UserError("fp16 needs a GPU (fp16 matmuls on a CPU are ~1000x slower); use --bf16 or no precision flag")
     park = "cpu" if options.offload else options.device
-    mmdit = load_mmdit(sources.ckpt_path, dtype=options.dtype, device=park, mmap=options.mmap)
+    mmdit, swap = load_placed_mmdit(sources.ckpt_path, options)
     vae_dtype = torch.float32 if options.dtype == torch.float16 else options.dtype
     vae = load_vae(sources.vae or sources.ckpt_path, dtype=vae_dtype, device=park, mmap=options.mmap)
     encoders = load_text_encoders(sources.ckpt_path, sources.clip_l, sources.clip_g, sources.t5xxl,
@@ -95,7 +99,30 @@ def load_models(sources: ModelSources, options: LoadOptions) -> ModelSet:
     if layout.pooled_dim != cfg.pooled_dim:
         raise UserError(f"text encoders give pooled width {layout.pooled_dim} but the MMDiT in {sources.ckpt_path} "
                         f"expects {cfg.pooled_dim}; pass the CLIP-L/CLIP-G files that belong to this model")
-    return ModelSet(mmdit, vae, encoders, tokenizers, layout, options)
+    return ModelSet(mmdit, vae, encoders, tokenizers, layout, options, swap)
+
+
+def load_placed_mmdit(path: str | Path, options: LoadOptions):
+    """The MMDiT of ``path`` where ``options`` want it: on the device, parked on the CPU (--offload), or
+    with its last --blocks_to_swap blocks on the CPU behind a :class:`BlockSwap` (returned, else None)."""
+    park = "cpu" if options.offload else options.device
+    if options.blocks_to_swap:
+        check_blocks_to_swap(options.blocks_to_swap, read_mmdit_config(path).depth)
+    mmdit = load_mmdit(path, dtype=options.dtype, device="cpu" if options.blocks_to_swap else park, mmap=options.mmap)
+    align_cpu_tensors(mmdit)
+    swap = None
+    if options.blocks_to_swap:
+        swap = BlockSwap(mmdit.joint_blocks, options.blocks_to_swap, options.device)
+        place_model(mmdit, swap, park)
+    return mmdit, swap
+
+
+def place_mmdit(models: ModelSet, device: str) -> None:
+    """The MMDiT on ``device``, its swapped blocks (if any) staying on their CPU copies."""
+    swap = models.swap if models.swap is not None and models.swap.blocks is models.mmdit.joint_blocks else None
+    if swap is not None:
+        swap.invalidate()  # weights may have changed since the last render (e.g. a merged network)
+    place_model(models.mmdit, swap, device)
 
 
 @torch.no_grad()
@@ -128,10 +155,10 @@ def render(
     ``noise`` (B, 16, H/8, W/8) replaces the seeded draw of ``params.seed``.
     """
     device = models.options.device
-    models.mmdit.to(device)
+    place_mmdit(models, device)
     latents = sample_latents(models.mmdit, cond, uncond, params, noise=noise)
     if models.options.offload:
-        models.mmdit.to("cpu")
+        place_mmdit(models, "cpu")
     models.vae.to(device)
     images = tensor_to_images(models.vae.decode(latents))
     if models.options.offload:

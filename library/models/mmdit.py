@@ -41,7 +41,7 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
     matmul then read half the bytes.
     """
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if device != "meta" and torch.is_autocast_enabled(device):  # meta (memory planning) has no autocast
         with torch.autocast(device, enabled=False):
             return F.layer_norm(x.to(torch.get_autocast_dtype(device)), (x.shape[-1],), eps=LN_EPS)
     return F.layer_norm(x, (x.shape[-1],), eps=LN_EPS)
@@ -182,10 +182,27 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
+def offloaded_checkpoint(block: nn.Module, ctx: torch.Tensor, hidden: torch.Tensor, c: torch.Tensor,
+                         mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A checkpointed block whose saved inputs (the context and image streams) wait in CPU memory.
+
+    A checkpoint keeps only each block's inputs; here those are copied to the CPU before the block runs
+    and back to the device inside it (again when backward recomputes it), so the device holds one
+    block's inputs at a time. The copies are autograd ops, so gradients flow through them unchanged.
+    """
+    device = hidden.device
+
+    def run(ctx_cpu: torch.Tensor, hidden_cpu: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None):
+        return block(ctx_cpu.to(device), hidden_cpu.to(device), c, mask)
+
+    return checkpoint(run, ctx.to("cpu"), hidden.to("cpu"), c, mask, use_reentrant=False)
+
+
 class MMDiT(nn.Module):
     """SD3 MMDiT. ``forward(x, timesteps, context, y, skip_layers=None) -> velocity``.
 
-    ``timesteps`` are σ·1000 (float32). Options set from outside: ``gradient_checkpointing``,
+    ``timesteps`` are σ·1000 (float32). Options set from outside: ``gradient_checkpointing`` (with
+    ``cpu_offload_checkpointing``: the checkpointed block inputs wait in CPU memory),
     ``pos_emb_random_crop_rate`` (training only) and :meth:`enable_scaled_pos_embed`.
     """
 
@@ -201,6 +218,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         self.gradient_checkpointing = False
+        self.cpu_offload_checkpointing = False
         self.pos_emb_random_crop_rate = 0.0
         self.scaled_pos_embed_sizes: tuple[int, ...] = ()
         self._scaled_tables: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -264,7 +282,9 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled() and self.cpu_offload_checkpointing:
+                ctx, hidden = offloaded_checkpoint(block, ctx, hidden, c, mask)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 ctx, hidden = checkpoint(block, ctx, hidden, c, mask, use_reentrant=False)
             else:
                 ctx, hidden = block(ctx, hidden, c, mask)

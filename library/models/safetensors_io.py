@@ -120,47 +120,64 @@ _DTYPE_CODES = {
 }
 
 
-def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[list[str], bytes]:
-    """Data order (widest dtype first, then name, so every tensor is aligned) and the padded header."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+            dtypes: Mapping[str, torch.dtype]) -> tuple[list[str], bytes]:
+    """Data order (widest dtype first, then name, so every tensor is aligned) and the padded header.
+    ``dtypes`` gives the stored dtype of tensors written in another dtype than they have."""
+    stored = {k: dtypes.get(k, t.dtype) for k, t in tensors.items()}
+    width = {k: torch.empty((), dtype=d).element_size() for k, d in stored.items()}
+    order = sorted(tensors, key=lambda k: (-width[k], k))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for key in order:
-        t = tensors[key]
-        if t.dtype not in _DTYPE_CODES:
-            raise ValueError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        if stored[key] not in _DTYPE_CODES:
+            raise ValueError(f"tensor {key} has dtype {stored[key]}, which safetensors cannot store")
+        size = tensors[key].numel() * width[key]
+        header[key] = {"dtype": _DTYPE_CODES[stored[key]], "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return order, raw
 
 
+def _cpu_flat(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor as stored: cast (where it lives, as a whole-dict cast would), on the CPU, flat."""
+    t = t.detach()
+    if dtype is not None and dtype != t.dtype:
+        t = t.to(dtype)
+    return t.to("cpu").contiguous().reshape(-1)
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
     """Write ``tensors`` to ``path`` atomically (temp file in the same folder, then rename).
 
     The layout is deterministic (sorted metadata, fixed tensor order), so saving the same tensors
     and metadata twice gives identical bytes, and tensors are streamed one at a time, so no
-    second copy of the whole model is built in memory.
+    second copy of the whole model is built in memory. ``dtypes`` (key -> dtype) stores those
+    tensors cast, one at a time while writing (``--mem_eff_save``): the bytes equal those of saving
+    the cast tensors.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    order, header = _layout(tensors, metadata or {})
+    dtypes = dtypes or {}
+    order, header = _layout(tensors, metadata or {}, dtypes)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             for key in order:
-                t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+                t = _cpu_flat(tensors[key], dtypes.get(key))
                 f.write(memoryview(t.view(torch.uint8).numpy()))
+                del t
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -169,9 +186,8 @@ def save_safetensors(
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """The exact bytes :func:`save_safetensors` writes, in memory (for small files: hashes, tests)."""
-    order, header = _layout(tensors, metadata or {})
+    order, header = _layout(tensors, metadata or {}, {})
     parts = [struct.pack("<Q", len(header)), header]
     for key in order:
-        t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
-        parts.append(t.view(torch.uint8).numpy().tobytes())
+        parts.append(_cpu_flat(tensors[key], None).view(torch.uint8).numpy().tobytes())
     return b"".join(parts)

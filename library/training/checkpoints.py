@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.mmdit_config import MMDiTConfig
+from library.models.mmdit_config import MMDIT_CONFIG_METADATA_KEY, MMDiTConfig
 from library.models.modelspec import modelspec_metadata
-from library.models.safetensors_io import read_metadata
-from library.models.saving import save_sd3_checkpoint
+from library.models.safetensors_io import read_metadata, save_safetensors
+from library.models.saving import VAE_PREFIX, checkpoint_tensors, save_sd3_checkpoint
 from library.models.text_encoders import TextEncoders, text_encoder_metadata, text_encoder_state_dicts_for_checkpoint
 from library.models.vae import VAE_CONFIG_METADATA_KEY, vae_ldm_tensors
 
@@ -362,10 +362,8 @@ def save_full_checkpoint(
     base_checkpoint_path: str | os.PathLike,
     metadata: Mapping[str, str],
     text_encoders: TextEncoders | None = None,
-    save_clip: bool = False,
-    save_t5xxl: bool = False,
-    dtype: torch.dtype | None = None,
-    vae_path: str | os.PathLike | None = None,
+    save_clip: bool = False, save_t5xxl: bool = False,
+    dtype: torch.dtype | None = None, vae_path: str | os.PathLike | None = None, mem_eff_save: bool = False,
 ) -> Path:
     """Write an all-in-one SD3 checkpoint atomically and return its path.
 
@@ -373,6 +371,10 @@ def save_full_checkpoint(
     checkpoint), with its VAE config metadata if it has one. ``save_clip`` adds CLIP-L and CLIP-G,
     ``save_t5xxl`` adds T5-XXL, from ``text_encoders`` (with their config metadata). ``dtype``
     (``--save_precision``) casts the MMDiT and the text encoders, never the VAE.
+
+    Tensors are always streamed to the file one by one, but the ``--save_precision`` cast first builds
+    a cast copy of the whole model; ``mem_eff_save`` casts each tensor while it is written instead (at
+    most one cast tensor exists at a time). The bytes written are identical either way.
     """
     path = Path(path)
     vae_source = Path(vae_path if vae_path is not None else base_checkpoint_path)
@@ -385,8 +387,13 @@ def save_full_checkpoint(
     meta.update(te_meta)
     logger.info("saving checkpoint: %s", path)
     try:
-        save_sd3_checkpoint(path, model_state_dict, cfg, metadata=meta, vae_tensors=vae,
-                            text_encoder_tensors=te_tensors, dtype=dtype)
+        if mem_eff_save:  # save_sd3_checkpoint's file and cast rule, casting each tensor while it is written
+            tensors = checkpoint_tensors(model_state_dict, vae_tensors=vae, text_encoder_tensors=te_tensors)
+            casts = {k: dtype for k, v in tensors.items() if dtype and v.is_floating_point() and not k.startswith(VAE_PREFIX)}
+            save_safetensors(tensors, path, {**meta, MMDIT_CONFIG_METADATA_KEY: cfg.to_json()}, dtypes=casts)
+        else:
+            save_sd3_checkpoint(path, model_state_dict, cfg, metadata=meta, vae_tensors=vae,
+                                text_encoder_tensors=te_tensors, dtype=dtype)
     except OSError as exc:
         raise save_error(path, exc) from None
     return path

@@ -48,6 +48,7 @@ class Prepared:
     per_epoch: int
     sampling: object = None  # (SamplePlan, texts -> conditions, VAE) with --sample_prompts
     validation: TrainingData | None = None  # the held-out images (--validation_split)
+    block_swap: object = None  # the BlockSwap of the MMDiT (--blocks_to_swap), attached when the run is made
 
 
 def _policy(cfg: RunConfig) -> SavePolicy:
@@ -76,7 +77,12 @@ def _resume(run: Run, directory: str) -> LoopState:
         raise UserError(f"state {directory} lacks {len(missing)} trained tensors (e.g. {missing[0]}); "
                         "it was saved with other settings of what is trained")
     module.load_state_dict(loaded.model_state, strict=False)
-    run.optimizer.load_state_dict(loaded.optimizer_state)
+    try:
+        run.optimizer.load_state_dict(loaded.optimizer_state)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"state {directory}: its optimizer state does not fit this run's optimizer ({exc}); resume "
+                        "with the optimizer flags it was saved with (--optimizer_type, --blockwise_fused_optimizers, "
+                        "learning-rate groups)") from None
     run.scheduler.load_state_dict(loaded.scheduler_state)
     restore_rng(loaded.state.rng, {"step": run.generator})
     if run.ema is not None:
@@ -107,7 +113,7 @@ def _cache(prep_models: setup.Models, datas: list[TrainingData], cache: CacheOpt
         empty = empty_prompt_text(encode)
     accelerator.wait_for_everyone()
     if cache.cache_latents:
-        prep_models.vae = None
+        prep_models.vae = None  # a VAE kept for samples only is parked by _park_idle
     if cache.cache_text_encoder_outputs and not trains_text:
         prep_models.encoders = None
     elif cache.cache_text_encoder_outputs and cache.te_parts == ("t5",):
@@ -126,7 +132,9 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     setup.seed_everything(seed)
     wants_cpu = (cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     accelerator = Accelerator(cpu=wants_cpu, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                              kwargs_handlers=_ddp_handlers(cfg))
+                              kwargs_handlers=_ddp_handlers(cfg),  # fp16: accelerate's loss scaling (GPU only)
+                              mixed_precision="fp16" if cfg.train.mixed_precision == "fp16" and not wants_cpu else "no")
+    _check_block_swap(cfg, accelerator.num_processes)
     device = accelerator.device
     default_weights, autocast = setup.weight_dtypes(cfg, device.type)
     models = setup.load_models(cfg, str(device), weights or default_weights)
@@ -138,10 +146,36 @@ def prepare_run(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions
     data = TrainingData(blueprint, cache, seed=seed)
     held = data.validation_data()
     empty = _cache(models, [data] + ([held] if held is not None else []), cache, accelerator, batch_sizes, trains_text)
+    setup.seed_everything(seed)  # what follows (network init, ...) must not depend on how much was cached now
+    _park_idle(cfg, models, sampling)
     per_epoch = steps_per_epoch(data, accelerator.num_processes, cfg.train.gradient_accumulation_steps)
     total = total_steps(cfg.train.max_train_steps, cfg.train.max_train_epochs, per_epoch)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_train_steps=total))
     return Prepared(cfg, accelerator, models, data, cache, empty, seed, autocast, total, per_epoch, sampling, held)
+
+
+def _check_block_swap(cfg: RunConfig, processes: int) -> None:
+    """Block swap with a full fine-tune keeps the swapped parameters (and their optimizer state) on the CPU,
+    which DDP (one device per model) and optimizer steps fused into the backward cannot handle."""
+    if not cfg.model.blocks_to_swap or cfg.network is not None:
+        return
+    if processes > 1:
+        raise UserError("--blocks_to_swap with a full fine-tune runs on one GPU only (DDP needs every trained "
+                        "parameter on the GPU); launch one process, or train a network (LoRA/LoKr) instead")
+    if cfg.train.fused_backward_pass or cfg.train.blockwise_fused_optimizers:
+        raise UserError("--blocks_to_swap cannot be combined with --fused_backward_pass / "
+                        "--blockwise_fused_optimizers yet; drop one of them")
+
+
+def _park_idle(cfg: RunConfig, models: setup.Models, sampling) -> None:
+    """Without --highvram, a VAE kept only to decode samples waits on the CPU between sample rounds, and the
+    CUDA cache emptied after caching gives the memory back."""
+    if cfg.model.highvram:
+        return
+    if sampling is not None and models.vae is None and sampling[2] is not None:
+        sampling[2].to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sampling(cfg: RunConfig, models: setup.Models, device: torch.device):
@@ -226,7 +260,10 @@ def _vae_raw(vae, images, generator):
 def _make_run(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Run:
     cfg, accelerator = prep.cfg, prep.accelerator
     optimizer, scheduler = setup.optimizer_and_scheduler(cfg, trainee.param_groups(), prep.total_steps)
-    model, optimizer = accelerator.prepare(trainee.module, optimizer)
+    prep.block_swap = _attach_block_swap(prep)
+    # with block swap the model is placed already: accelerate's model.to(device) would pull the swapped blocks in
+    model, optimizer = accelerator.prepare(trainee.module, optimizer,
+                                           device_placement=[None if prep.block_swap is None else False, None])
     generator = torch.Generator().manual_seed(prep.seed + accelerator.process_index)
     shapes = {k: tuple(v.shape) for k, v in trainee.state_tensors(accelerator.unwrap_model(model)).items()}
     signature = model_signature(prep.models.mmdit.config, shapes)
@@ -237,6 +274,17 @@ def _make_run(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Run:
         device = accelerator.device if cfg.ema.ema_device == "gpu" else torch.device("cpu")
         run.ema = EmaWeights(run.trained(), cfg.ema.ema_decay, device)
     return run
+
+
+def _attach_block_swap(prep: Prepared):
+    """--blocks_to_swap: the MMDiT's last joint blocks on (pinned) CPU memory, the rest on the device."""
+    count = prep.cfg.model.blocks_to_swap
+    if not count:
+        return None
+    from library.runtime.block_swap import attach_block_swap
+
+    mmdit = prep.models.mmdit
+    return attach_block_swap(mmdit, mmdit.joint_blocks, count, prep.accelerator.device)
 
 
 def train(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Path:

@@ -31,6 +31,7 @@ class FullTrainSpec:
     train_t5xxl: bool = False
     num_last_block_to_freeze: int | None = None
     gradient_checkpointing: bool = False
+    cpu_offload_checkpointing: bool = False  # checkpointed MMDiT block inputs wait in CPU memory
 
 
 def freeze_last_blocks(mmdit: MMDiT, count: int | None) -> None:
@@ -71,6 +72,7 @@ def enable_gradient_checkpointing(mmdit: MMDiT, encoders: TextEncoders | None, s
     if not spec.gradient_checkpointing:
         return
     mmdit.gradient_checkpointing = True
+    mmdit.cpu_offload_checkpointing = spec.cpu_offload_checkpointing
     for name, module in (encoders.present() if encoders is not None else {}).items():
         if (name == "t5xxl" and spec.train_t5xxl) or (name != "t5xxl" and spec.train_text_encoder):
             module.gradient_checkpointing_enable()
@@ -80,12 +82,15 @@ class FullModel(nn.Module):
     """The trained modules under one parent, so accelerate prepares (and DDP wraps) them together.
 
     ``train()`` keeps T5 in eval mode: its dropout must stay off even when it is trained.
+    ``fused_update`` ("parameter", "block" or None) tells the training loop to step the optimizer inside
+    backward (:mod:`library.training.fused`).
     """
 
-    def __init__(self, mmdit: MMDiT, encoders: TextEncoders | None) -> None:
+    def __init__(self, mmdit: MMDiT, encoders: TextEncoders | None, fused_update: str | None = None) -> None:
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = nn.ModuleDict(dict(encoders.present()) if encoders is not None else {})
+        self.fused_update = fused_update
 
     def train(self, mode: bool = True) -> "FullModel":
         super().train(mode)

@@ -25,7 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 class Trainable(Protocol):
-    """What the loop trains (the full model, or a network attached to it), prepared by accelerate."""
+    """What the loop trains (the full model, or a network attached to it), prepared by accelerate.
+
+    A trainable whose optimizer steps run inside backward (``--fused_backward_pass`` /
+    ``--blockwise_fused_optimizers``, see :mod:`library.training.fused`) carries ``fused_update = "parameter"``
+    or ``"block"``; the loop then never calls ``optimizer.step()`` (the scheduler still steps once per update).
+    """
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
@@ -137,6 +142,48 @@ def _update(accelerator, params: list[torch.nn.Parameter], optimizer, scheduler,
     return None if norm is None else float(norm)
 
 
+def _fused_updater(accelerator, trainable: Trainable, optimizer, params: list[torch.nn.Parameter],
+                   settings: LoopSettings):
+    """The in-backward stepper of a trainable with ``fused_update`` set, else None."""
+    mode = getattr(accelerator.unwrap_model(trainable), "fused_update", None)
+    if mode is None:
+        return None
+    from library.training.fused import FusedUpdater, check_fused
+
+    check_fused(mode, accumulation=settings.gradient_accumulation_steps, max_grad_norm=settings.max_grad_norm,
+                world_size=accelerator.num_processes, loss_scaling=getattr(accelerator, "scaler", None) is not None)
+    return FusedUpdater(optimizer, params, mode, settings.max_grad_norm, seed=settings.seed)
+
+
+def _backward_and_update(accelerator, fused, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer,
+                         scheduler, settings: LoopSettings, state: LoopState) -> None:
+    """Backpropagate one micro-batch; on the last of an accumulation, update (plain or fused)."""
+    if fused is None:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            state.grad_norm = _update(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
+        return
+    norm = fused.backward(lambda retain: accelerator.backward(loss, retain_graph=retain), accelerator.sync_gradients)
+    if accelerator.sync_gradients:
+        state.grad_norm = norm
+        scheduler.step()
+
+
+def allow_fp16_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """--full_fp16 under accelerate's fp16 loss scaler: torch's GradScaler refuses to unscale fp16
+    gradients; let it (the gradients are fp16 by choice, as in sd-scripts)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not any(p.dtype == torch.float16 for p in params) or getattr(scaler, "_fp16_allowed", False):
+        return
+    unscale = scaler._unscale_grads_
+
+    def unscale_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 (torch's signature)
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_fp16
+    scaler._fp16_allowed = True
+
+
 def group_lrs(optimizer, scheduler) -> dict[str, float]:
     """Learning rate per parameter group, keyed by the group's ``name`` (else ``group<i>``)."""
     rates = scheduler.get_last_lr()
@@ -167,11 +214,30 @@ def run_loop(
     hooks: LoopHooks = LoopHooks(),
 ) -> LoopState:
     """Train until ``settings.max_train_steps`` optimizer updates are done (resuming at ``state``)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
     params = [p for p in trainable.parameters() if p.requires_grad]
+    allow_fp16_gradients(accelerator, params)
+    fused = _fused_updater(accelerator, trainable, optimizer, params, settings)
     trainable.train()
     hooks.on_train_start(state)
     started = time.perf_counter()
+    try:
+        _epochs(accelerator, trainable, data, step_fn, optimizer, scheduler, settings, state, generator, hooks,
+                params, fused)
+    finally:
+        if fused is not None:
+            fused.close()
+    elapsed = time.perf_counter() - started
+    logger.info("trained %d steps in %.1f s (%.2f s/step)", state.global_step, elapsed,
+                elapsed / max(1, state.global_step))
+    hooks.on_train_end(state)
+    return state
+
+
+def _epochs(accelerator, trainable: Trainable, data: TrainingData, step_fn: StepFn, optimizer, scheduler,
+            settings: LoopSettings, state: LoopState, generator: torch.Generator, hooks: LoopHooks,
+            params: list[torch.nn.Parameter], fused) -> None:
+    """The epochs and batches of :func:`run_loop` (``fused``: the in-backward stepper, or None)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     bar = _progress(accelerator, settings.max_train_steps, state.global_step)
     while state.global_step < settings.max_train_steps:
         epoch = state.position.epoch
@@ -189,9 +255,7 @@ def run_loop(
                     state.position = DataPosition(epoch, index + 1)
                     continue
                 state.bad_steps = 0
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients:
-                    state.grad_norm = _update(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
+                _backward_and_update(accelerator, fused, result.loss, params, optimizer, scheduler, settings, state)
             state.position = DataPosition(epoch, index + 1)
             if accelerator.sync_gradients:
                 state.global_step += 1
@@ -212,11 +276,6 @@ def run_loop(
         hooks.on_epoch_end(state, epoch + 1)
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - started
-    logger.info("trained %d steps in %.1f s (%.2f s/step)", state.global_step, elapsed,
-                elapsed / max(1, state.global_step))
-    hooks.on_train_end(state)
-    return state
 
 
 def _digest(samples: tuple[int, ...]) -> int:

@@ -140,6 +140,12 @@ def _check(cfg: RunConfig, cache: CacheOptions) -> None:
                         "add --network_train_unet_only (or --text_encoder_lr 0), or drop the caching flag")
     if cfg.train.full_bf16:
         logger.warning("--full_bf16: network parameters stay float32; the frozen base is bf16 already")
+    if cfg.train.fused_backward_pass or cfg.train.blockwise_fused_optimizers:
+        raise UserError("--fused_backward_pass / --blockwise_fused_optimizers save gradient memory of a full "
+                        "fine-tune; a network's gradients are small: drop the flag")
+    if cfg.train.cpu_offload_checkpointing and not cfg.train.gradient_checkpointing:
+        raise UserError("--cpu_offload_checkpointing moves checkpointed activations to the CPU: add "
+                        "--gradient_checkpointing")
 
 
 def _store_fp8(cfg: RunConfig, mmdit: MMDiT, encoders: TextEncoders | None) -> None:
@@ -177,6 +183,7 @@ def train_network(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptio
     network.to(prep.accelerator.device, torch.float32)
     network.apply_to()
     models.mmdit.gradient_checkpointing = prep.cfg.train.gradient_checkpointing
+    models.mmdit.cpu_offload_checkpointing = prep.cfg.train.cpu_offload_checkpointing
     trainee = NetworkTrainee(prep.cfg, NetworkModel(network, models.mmdit), network, models.mmdit,
                              prep.accelerator.device)
     return engine.train(prep, trainee, _settings(prep))

@@ -21,6 +21,7 @@ from library.models.prompt_encoding import TextLayout, layout_from_encoders
 from library.models.text_encoders import TextEncoders, load_text_encoders
 from library.models.tokenizers import Tokenizers, load_tokenizers
 from library.models.vae import SD3VAE, load_vae
+from library.runtime.block_swap import align_cpu_tensors, check_blocks_to_swap
 from library.training.caching import file_identity, identity_of
 from library.training.optimizers import build_optimizer, parse_optimizer_args
 from library.training.schedulers import SchedulerConfig, build_scheduler, parse_scheduler_args
@@ -61,17 +62,28 @@ def run_seed(cfg: RunConfig) -> int:
 
 
 def weight_dtypes(cfg: RunConfig, device: str) -> tuple[torch.dtype, torch.dtype | None]:
-    """(weight dtype of trained modules, autocast dtype or None)."""
-    precision = PRECISIONS.get(cfg.train.mixed_precision)
+    """(weight dtype of trained modules, autocast dtype or None).
+
+    --full_bf16 / --full_fp16 store the trained weights (and so their gradients) in the half dtype of
+    --mixed_precision; fp16 of either kind needs a GPU (DESIGN §6: never compute fp16 on a CPU).
+    """
+    t = cfg.train
+    precision = PRECISIONS.get(t.mixed_precision)
     if precision is None:
-        raise UserError(f"--mixed_precision {cfg.train.mixed_precision!r}: choose no, fp16 or bf16")
-    if precision == torch.float16 and not device.startswith(("cuda", "mps")):
+        raise UserError(f"--mixed_precision {t.mixed_precision!r}: choose no, fp16 or bf16")
+    if t.full_bf16 and t.full_fp16:
+        raise UserError("--full_bf16 and --full_fp16 exclude each other; pick one")
+    gpu = device.startswith(("cuda", "mps"))
+    if t.full_fp16 and not gpu:
+        raise UserError("--full_fp16 needs a GPU (fp16 matmuls on a CPU are ~1000x slower); use --full_bf16 "
+                        "--mixed_precision bf16")
+    if precision == torch.float16 and not gpu:
         raise UserError("--mixed_precision fp16 needs a GPU (fp16 matmuls on a CPU are ~1000x slower); use bf16 or no")
-    autocast = None if precision == torch.float32 else precision
-    weights = torch.bfloat16 if cfg.train.full_bf16 and precision == torch.bfloat16 else torch.float32
-    if cfg.train.full_bf16 and precision != torch.bfloat16:
-        raise UserError("--full_bf16 needs --mixed_precision bf16")
-    return weights, autocast
+    for flag, wanted in (("full_bf16", torch.bfloat16), ("full_fp16", torch.float16)):
+        if getattr(t, flag) and precision != wanted:
+            raise UserError(f"--{flag} needs --mixed_precision {'bf16' if wanted == torch.bfloat16 else 'fp16'}")
+    weights = precision if (t.full_bf16 or t.full_fp16) else torch.float32
+    return weights, (None if precision == torch.float32 else precision)
 
 
 @dataclass
@@ -85,18 +97,60 @@ class Models:
 
 
 def load_models(cfg: RunConfig, device: str, weights: torch.dtype) -> Models:
+    """Every model of the run on ``device``; with --blocks_to_swap the MMDiT stays on the CPU until the swap is
+    attached (only its resident part then moves), with --lowram it is read tensor by tensor onto its device."""
     m = cfg.model
     if not m.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required (an SD3 / SD3.5 .safetensors file)")
     ckpt = Path(m.pretrained_model_name_or_path)
     mmap = not m.disable_mmap_load_safetensors
-    mmdit = load_mmdit(ckpt, dtype=weights, device=device, mmap=mmap)
+    swap = m.blocks_to_swap or 0
+    if swap:
+        from library.models.loading import read_mmdit_config
+
+        check_blocks_to_swap(swap, read_mmdit_config(ckpt).depth)
+    if m.lowram:
+        mmdit = stream_mmdit(ckpt, weights, device, swap)
+    else:
+        mmdit = load_mmdit(ckpt, dtype=weights, device="cpu" if swap else device, mmap=mmap)
+    align_cpu_tensors(mmdit)
     mmdit.pos_emb_random_crop_rate = m.pos_emb_random_crop_rate
     encoders = load_text_encoders(ckpt, m.clip_l, m.clip_g, m.t5xxl, dtype=weights, device=device, mmap=mmap)
     tokenizers = load_tokenizers(m.tokenizer_cache_dir, t5_max_length=m.t5xxl_max_token_length)
     vae = load_vae(m.vae or ckpt, dtype=torch.float32, device=device, mmap=mmap)
     layout = replace(layout_from_encoders(encoders), context_dim=mmdit.config.context_dim)
     return Models(mmdit, vae, encoders, tokenizers, layout, ckpt)
+
+
+def stream_mmdit(ckpt: Path, dtype: torch.dtype, device: str, swapped: int = 0) -> MMDiT:
+    """--lowram: the MMDiT read tensor by tensor straight onto the device it will live on (the CPU for the
+    last ``swapped`` joint blocks) and cast there, so the whole model is never held in CPU RAM."""
+    from safetensors import safe_open
+
+    from library.models.loading import build_mmdit, read_mmdit_config
+    from library.models.mmdit_config import split_mmdit_keys
+
+    cfg = read_mmdit_config(ckpt)
+    first_swapped = cfg.depth - swapped
+
+    def home(key: str) -> str:
+        parts = key.split(".")
+        return "cpu" if parts[0] == "joint_blocks" and int(parts[1]) >= first_swapped else device
+
+    tensors = {}
+    try:
+        with safe_open(str(ckpt), framework="pt", device="cpu") as f:
+            prefix, keys = split_mmdit_keys(list(f.keys()))
+            for key in keys:
+                tensor = f.get_tensor(prefix + key).to(home(key))
+                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        raise UserError(f"checkpoint {ckpt} could not be read ({exc}); re-download or re-save it") from None
+    model = build_mmdit(cfg)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    logger.info("--lowram: loaded the MMDiT tensor by tensor onto %s%s", device,
+                f" (joint blocks {first_swapped}+ onto the CPU)" if swapped else "")
+    return model.eval()
 
 
 def identities(cfg: RunConfig, ckpt: Path) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from library.models.text_encoders import TextEncoders
 from library.training import engine
 from library.training.checkpoints import checkpoint_metadata, save_dtype, save_full_checkpoint
 from library.training.full_finetune import FullModel, FullTrainSpec, enable_gradient_checkpointing, param_groups
+from library.training.fused import block_param_groups, check_fused, fused_mode
 from library.training.loop import LoopHooks
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class FullTrainee:
                                    settings=settings)
         save_full_checkpoint(path, module.mmdit.state_dict(), module.mmdit.config, base_checkpoint_path=self.checkpoint,
                              metadata=meta, text_encoders=self.encoders, save_clip=save.save_clip,
-                             save_t5xxl=save.save_t5xxl, dtype=save_dtype(save.save_precision), vae_path=self.cfg.model.vae)
+                             save_t5xxl=save.save_t5xxl, dtype=save_dtype(save.save_precision), vae_path=self.cfg.model.vae,
+                             mem_eff_save=save.mem_eff_save)
 
     def step_hooks(self) -> list[LoopHooks]:
         return []
@@ -62,13 +64,21 @@ def _spec(cfg: RunConfig) -> FullTrainSpec:
                          learning_rate_te2=t.learning_rate_te2, learning_rate_te3=t.learning_rate_te3,
                          train_text_encoder=t.train_text_encoder, train_t5xxl=t.train_t5xxl,
                          num_last_block_to_freeze=t.num_last_block_to_freeze,
-                         gradient_checkpointing=t.gradient_checkpointing)
+                         gradient_checkpointing=t.gradient_checkpointing,
+                         cpu_offload_checkpointing=t.cpu_offload_checkpointing)
 
 
 def _check(cfg: RunConfig, cache: CacheOptions) -> None:
     if cfg.model.fp8_base or cfg.model.fp8_base_unet:
         raise UserError("--fp8_base is for network training (LoRA/LoKr): a full fine-tune updates the base "
                         "weights, which fp8 storage cannot hold; drop the flag or use sd3_train_network.py")
+    mode = fused_mode(cfg.train.fused_backward_pass, cfg.train.blockwise_fused_optimizers)
+    if mode is not None:
+        check_fused(mode, accumulation=cfg.train.gradient_accumulation_steps, max_grad_norm=cfg.train.max_grad_norm,
+                    loss_scaling=False)
+    if cfg.train.cpu_offload_checkpointing and not cfg.train.gradient_checkpointing:
+        raise UserError("--cpu_offload_checkpointing moves checkpointed activations to the CPU: it needs "
+                        "--gradient_checkpointing")
     trains_clip, trains_t5 = cfg.train.train_text_encoder, cfg.train.train_t5xxl
     if cfg.train.persistent_data_loader_workers:
         logger.warning("--persistent_data_loader_workers: accepted; workers are started once per epoch here")
@@ -84,9 +94,13 @@ def train_full(cfg: RunConfig, blueprint: DatasetBlueprint, cache: CacheOptions,
     trains_te = cfg.train.train_text_encoder or cfg.train.train_t5xxl
     prep = engine.prepare_run(cfg, blueprint, cache, weights=None, trains_text=trains_te,
                               batch_sizes=(vae_batch_size, text_batch_size))
-    models, spec = prep.models, _spec(prep.cfg)
-    groups = param_groups(models.mmdit, models.encoders if trains_te else None, spec)
-    enable_gradient_checkpointing(models.mmdit, models.encoders if trains_te else None, spec)
-    model = FullModel(models.mmdit, models.encoders if trains_te else None)
+    models, spec, t = prep.models, _spec(prep.cfg), prep.cfg.train
+    trained_encoders = models.encoders if trains_te else None
+    groups = param_groups(models.mmdit, trained_encoders, spec)
+    enable_gradient_checkpointing(models.mmdit, trained_encoders, spec)
+    mode = fused_mode(t.fused_backward_pass, t.blockwise_fused_optimizers)
+    model = FullModel(models.mmdit, trained_encoders, fused_update=mode)
+    if mode == "block":
+        groups = block_param_groups(model, groups)
     trainee = FullTrainee(prep.cfg, model, groups, models.encoders, models.checkpoint)
     return engine.train(prep, trainee, engine.settings_meta(prep))

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from library.training.loop import LoopHooks
 from library.training.run_hooks import Run
@@ -73,12 +74,39 @@ def _sample_hooks(run: Run, prep, report: Callable) -> list[LoopHooks]:
     from library.training.sampling import SampleContext, SampleHooks
 
     plan, conditions, vae = prep.sampling
-    weights = None
-    if run.cfg.sample.sample_ema and run.ema is not None:
-        weights = lambda: run.ema.applied(run.trained())  # noqa: E731
     ctx = SampleContext(model=lambda: run.accelerator.unwrap_model(run.model),
                         vae=lambda: vae.to(run.accelerator.device), conditions=conditions,
                         device=run.accelerator.device, compute_dtype=prep.autocast,
                         out_dir=Path(run.cfg.save.output_dir) / "sample", output_name=run.cfg.save.output_name,
-                        is_main=run.accelerator.is_main_process, weights=weights, report=report)
+                        is_main=run.accelerator.is_main_process, weights=_round_context(run, prep, vae), report=report)
     return [SampleHooks(plan, ctx)]
+
+
+def _round_context(run: Run, prep, vae) -> Callable[[], contextlib.AbstractContextManager]:
+    """What a sample round runs in: the MMDiT swapping --blocks_to_swap_while_sampling blocks (default
+    --blocks_to_swap), the EMA weights with --sample_ema, and afterwards the VAE back on the CPU when it is
+    kept for samples only (without --highvram)."""
+    from library.runtime.block_swap import BlockSwap, check_blocks_to_swap
+
+    cfg, mmdit = run.cfg, prep.models.mmdit
+    count = cfg.sample.blocks_to_swap_while_sampling
+    count = check_blocks_to_swap(cfg.model.blocks_to_swap if count is None else count, mmdit.config.depth,
+                                 "--blocks_to_swap_while_sampling")
+    park_vae = not cfg.model.highvram and prep.models.vae is None
+    use_ema = cfg.sample.sample_ema and run.ema is not None
+
+    @contextlib.contextmanager
+    def round_context() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if park_vae:
+                stack.callback(vae.to, "cpu")
+            if use_ema:  # outside the swap: the raw weights come back after the swap finished its copies
+                stack.enter_context(run.ema.applied(run.trained()))
+            if prep.block_swap is not None:
+                stack.enter_context(prep.block_swap.swapping(count))
+            elif count:  # swapping only while sampling: a swap for the round
+                swap = BlockSwap(mmdit.joint_blocks, count, run.accelerator.device, what="--blocks_to_swap_while_sampling")
+                stack.callback(swap.remove)
+            yield
+
+    return round_context

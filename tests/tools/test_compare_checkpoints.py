@@ -107,6 +107,9 @@ def test_checkpoint_folder_grid(tiny_models, tmp_path):
     assert grid.text["parameters"].splitlines()[0] == "columns: ft-step00000050.safetensors, ft-000001.safetensors"
     first, second = _cells(grid.convert("RGB"), 2, 1)
     assert np.abs(first[0].astype(int) - second[0].astype(int)).max() > 8
+    swapped = tmp_path / "ft_swap.png"  # block swap, re-attached for every checkpoint, renders the same grid
+    assert compare_checkpoints.main([*argv[:-3], str(swapped), *argv[-2:], "--blocks_to_swap", "1"] + SAMPLING) == 0
+    assert np.array_equal(np.asarray(Image.open(swapped).convert("RGB")), np.asarray(grid.convert("RGB")))
 
 
 def test_order_key_puts_steps_then_epochs_then_the_rest():
