@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 from library.errors import UserError
@@ -75,3 +77,17 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
     elif hint in (int, str, bool) and type(value) is hint:
         return value
     raise UserError(f"config key {name!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def read_toml_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The TOML table of ``path``; a missing or unreadable file is a UserError starting with ``what``
+    (e.g. ``"--config_file run.toml"``)."""
+    import toml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{what}: file not found")
+    try:
+        return toml.loads(file.read_text(encoding="utf-8-sig"))
+    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what}: not valid TOML ({exc})") from None

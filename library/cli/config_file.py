@@ -19,6 +19,7 @@ from typing import Any, Mapping, NoReturn
 import toml
 
 from library.config import flatten_toml, unknown_name_error
+from library.config_values import read_toml_file
 from library.errors import UserError
 
 NOT_IN_FILES = ("help", "config_file", "output_config", "stages")
@@ -69,12 +70,7 @@ def _fail(where: Path) -> Any:
 def read_config_file(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     """The file's settings as command-line arguments, checked by ``parser`` (errors raise UserError
     naming the file; ``parser`` is used for checking only and must be a fresh one)."""
-    if not path.is_file():
-        raise UserError(f"--config_file {path}: file not found")
-    try:
-        data = toml.loads(path.read_text(encoding="utf-8"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config_file {path}: not valid TOML ({exc})") from None
+    data = read_toml_file(path, f"--config_file {path}")
     try:
         flat = flatten_toml(data)
     except UserError as exc:

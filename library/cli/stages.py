@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-import toml
 
 from library.cli import config_file
 from library.config import unknown_name_error
+from library.config_values import read_toml_file
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -136,12 +136,7 @@ def _stage(table: Any, index: int, path: Path, parser: argparse.ArgumentParser, 
 def read_stages(path: str | Path, parser_factory: Callable[[], argparse.ArgumentParser]) -> list[Stage]:
     """The ``[[stage]]`` tables of ``path``, each checked against a fresh trainer parser."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--stages {path}: file not found")
-    try:
-        data = toml.loads(path.read_text(encoding="utf-8-sig"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--stages {path}: not valid TOML ({exc})") from None
+    data = read_toml_file(path, f"--stages {path}")
     for key in data:
         if key != "stage":
             raise UserError(f"{path}: unknown top-level key {key!r}; write each stage as a [[stage]] table")

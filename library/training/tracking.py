@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from PIL import Image
 
 from library.config import LogConfig
-from library.config_values import unknown_name_error
+from library.config_values import read_toml_file, unknown_name_error
 from library.errors import UserError
 from library.training.loop import LoopHooks, LoopState, average_loss
 
@@ -207,15 +207,7 @@ def read_tracker_config(path: str | None, kinds: Sequence[str]) -> dict[str, dic
     """Init kwargs per tracker from a ``--log_tracker_config`` TOML (``[tensorboard]`` / ``[wandb]`` tables)."""
     if not path:
         return {kind: {} for kind in kinds}
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--log_tracker_config file not found: {path}")
-    import toml
-
-    try:
-        data = toml.loads(file.read_text(encoding="utf-8"))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"--log_tracker_config {path}: not valid TOML ({error})") from None
+    data = read_toml_file(path, f"--log_tracker_config {path}")
     for name, table in data.items():
         if name not in _PACKAGES:
             raise unknown_name_error(f"tracker table in {path}:", name, _PACKAGES)
