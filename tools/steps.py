@@ -36,7 +36,7 @@ def plan_of(ns: argparse.Namespace, trainer_argv: list[str]) -> dict:
     from library.data.dataset import TrainingData
     from library.data.debug_view import bucket_report
     from library.errors import UserError
-    from library.training.engine import _policy
+    from library.training.engine import save_policy
     from library.training.schedulers import resolve_steps
     from library.training.step_plan import kept_outputs, plan_steps, save_events
 
@@ -48,7 +48,7 @@ def plan_of(ns: argparse.Namespace, trainer_argv: list[str]) -> dict:
         raise UserError("the dataset has no readable images; check --dataset_config / --train_data_dir")
     plan = plan_steps(data, processes=ns.num_processes, accumulation=cfg.train.gradient_accumulation_steps,
                       max_train_steps=cfg.train.max_train_steps, max_train_epochs=cfg.train.max_train_epochs)
-    policy = _policy(cfg)
+    policy = save_policy(cfg)
     events = save_events(policy, plan, final_state=cfg.save.save_state_on_train_end)
     total = plan.total_steps
     return {

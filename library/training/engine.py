@@ -51,7 +51,7 @@ class Prepared:
     block_swap: object = None  # the BlockSwap of the MMDiT (--blocks_to_swap), attached when the run is made
 
 
-def _policy(cfg: RunConfig) -> SavePolicy:
+def save_policy(cfg: RunConfig) -> SavePolicy:
     s = cfg.save
     return SavePolicy(output_name=s.output_name, save_every_n_epochs=s.save_every_n_epochs,
                       save_every_n_steps=s.save_every_n_steps, save_last_n_epochs=s.save_last_n_epochs,
@@ -267,7 +267,7 @@ def _make_run(prep: Prepared, trainee: Trainee, settings_meta: dict) -> Run:
     generator = torch.Generator().manual_seed(prep.seed + accelerator.process_index)
     shapes = {k: tuple(v.shape) for k, v in trainee.state_tensors(accelerator.unwrap_model(model)).items()}
     signature = model_signature(prep.models.mmdit.config, shapes)
-    run = Run(cfg, accelerator, trainee, model, optimizer, scheduler, generator, _policy(cfg), signature, settings_meta)
+    run = Run(cfg, accelerator, trainee, model, optimizer, scheduler, generator, save_policy(cfg), signature, settings_meta)
     if cfg.ema.ema:
         from library.training.ema import EmaWeights
 
