@@ -37,35 +37,16 @@ def _builder(cfg):
 
 def _run(argv: list[str] | None) -> Path | None:
     """One run (or, with --stages, the curriculum); returns the final model file (None when nothing trains)."""
-    from library.cli import data as data_flags
-    from library.cli import train as train_flags
+    from library.cli.train import TrainingRun, start_training
 
-    cfg, ns = train_flags.parse_train_args(argv, network=True)
-    if ns.stages:
-        from library.cli.stages import run_stages
-
-        return run_stages(argv, _run, network=True)
-    if ns.output_config:
-        print(f"wrote {train_flags.write_output_config(cfg, ns)}")
-        return None
-    blueprint = data_flags.dataset_blueprint(ns)
-    if ns.debug_dataset:
-        from library.data.dataset import TrainingData
-        from library.data.debug_view import write_debug_view
-
-        report, png = write_debug_view(TrainingData(blueprint, seed=cfg.train.seed or 0), cfg.save.output_dir)
-        print(report, f"contact sheet: {png}", sep="\n")
-        return None
-    builder = _builder(cfg)
+    start = start_training(argv, _run, network=True)
+    if not isinstance(start, TrainingRun):
+        return start
+    builder = _builder(start.cfg)
     from library.training.network_trainer import train_network
-    from library.training.setup import make_work_dir
 
-    cache = data_flags.cache_options(ns, t5_max_length=cfg.model.t5xxl_max_token_length,
-                                     apply_lg_attn_mask=cfg.model.apply_lg_attn_mask,
-                                     apply_t5_attn_mask=cfg.model.apply_t5_attn_mask,
-                                     temp_dir=make_work_dir(cfg.save.output_dir))
-    final = train_network(cfg, blueprint, cache, builder, vae_batch_size=ns.vae_batch_size,
-                          text_batch_size=ns.text_encoder_batch_size or max(1, ns.train_batch_size or 1))
+    final = train_network(start.cfg, start.blueprint, start.cache, builder, vae_batch_size=start.vae_batch_size,
+                          text_batch_size=start.text_batch_size)
     print(f"saved {final}")
     return final
 

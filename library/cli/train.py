@@ -254,3 +254,45 @@ def write_output_config(cfg: RunConfig, ns: argparse.Namespace) -> Path:
     written = config_file.write_config_file(path, tables)
     logger.info("wrote %s", written)
     return written
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What an entry script hands to its trainer: the config, the dataset blueprint and cache options."""
+
+    cfg: RunConfig
+    blueprint: Any
+    cache: Any
+    vae_batch_size: int
+    text_batch_size: int
+
+
+def start_training(argv: Sequence[str] | None, run_one, *, network: bool) -> TrainingRun | Path | None:
+    """The part of sd3_train.py / sd3_train_network.py before their trainer: parse the flags, then either
+    run the --stages curriculum with ``run_one`` (its final file is returned), write --output_config or the
+    --debug_dataset view (None is returned), or return the :class:`TrainingRun` to train."""
+    from library.cli import data as data_flags
+
+    cfg, ns = parse_train_args(argv, network=network)
+    if ns.stages:
+        from library.cli.stages import run_stages
+
+        return run_stages(argv, run_one, network=network)
+    if ns.output_config:
+        print(f"wrote {write_output_config(cfg, ns)}")
+        return None
+    blueprint = data_flags.dataset_blueprint(ns)
+    if ns.debug_dataset:
+        from library.data.dataset import TrainingData
+        from library.data.debug_view import write_debug_view
+
+        report, png = write_debug_view(TrainingData(blueprint, seed=cfg.train.seed or 0), cfg.save.output_dir)
+        print(report, f"contact sheet: {png}", sep="\n")
+        return None
+    from library.training.setup import make_work_dir
+
+    m = cfg.model
+    cache = data_flags.cache_options(ns, t5_max_length=m.t5xxl_max_token_length, apply_lg_attn_mask=m.apply_lg_attn_mask,
+                                     apply_t5_attn_mask=m.apply_t5_attn_mask, temp_dir=make_work_dir(cfg.save.output_dir))
+    return TrainingRun(cfg, blueprint, cache, ns.vae_batch_size,
+                       ns.text_encoder_batch_size or max(1, ns.train_batch_size or 1))
